@@ -1,0 +1,175 @@
+"""Pure functions for one attention layer, shared by the Flax NNX and Linen modules.
+
+Letters (used in names and einsum strings throughout jaxsmooth):
+    B batch, T query tokens, S key tokens, D width, H heads, K head width (D = H K), M MLP width, L layers.
+
+One residual attention layer is X + A X H with H = W_V W_O (PAPER.md section 1); here A is
+softmax(Q K^T / sqrt(K)) per head and head h applies columns h*K:(h+1)*K of W_V and the same rows of W_O.
+Logits, softmax and LayerNorm statistics are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # additive mask value; finite so fully-masked rows give a uniform row, not NaN
+
+
+def layer_norm(
+    x_BxTxD: jnp.ndarray, gain_D: jnp.ndarray, bias_D: jnp.ndarray, *, eps: float, positive: bool = False
+) -> jnp.ndarray:
+    """LN over features with float32 statistics. positive=True uses softplus(gain) > 0 as the gain, so the
+    effective attention map diag(gain) H keeps the eigenvalue signs of a symmetric H (Sylvester's law of
+    inertia; a negative gain would flip them, PAPER.md section 1)."""
+    x32 = x_BxTxD.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    gain = effective_gain(gain_D, positive)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * gain[None, None, :] + bias_D[None, None, :]
+    return y.astype(x_BxTxD.dtype)
+
+
+def effective_gain(gain_D: jnp.ndarray, positive: bool) -> jnp.ndarray:
+    g = gain_D.astype(jnp.float32)
+    return jax.nn.softplus(g) if positive else g
+
+
+def dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
+    """Inverted dropout; the identity when key is None (deterministic) or rate == 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def allowed_keys(
+    batch: int, t: int, s: int, *, mask_BxS: jnp.ndarray | None, causal: bool
+) -> jnp.ndarray | None:
+    """Boolean [B, 1, T, S] of which keys each query may attend to (None: all)."""
+    allowed = None
+    if causal:
+        allowed = jnp.tril(jnp.ones((t, s), jnp.bool_))[None, None, :, :]
+    if mask_BxS is not None:
+        keys = mask_BxS.astype(jnp.bool_)[:, None, None, :]
+        allowed = keys if allowed is None else jnp.logical_and(allowed, keys)
+    if allowed is not None:
+        allowed = jnp.broadcast_to(allowed, (batch, 1, t, s))
+    return allowed
+
+
+def attention_weights(
+    q_BxTxHxK: jnp.ndarray, k_BxSxHxK: jnp.ndarray, allowed_Bx1xTxS: jnp.ndarray | None
+) -> jnp.ndarray:
+    """A = softmax(Q K^T / sqrt(K)) per head, float32 [B, H, T, S]; rows sum to one over allowed keys."""
+    scale = 1.0 / jnp.sqrt(jnp.float32(q_BxTxHxK.shape[-1]))
+    logits = jnp.einsum("BTHK,BSHK->BHTS", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    if allowed_Bx1xTxS is not None:
+        logits = jnp.where(allowed_Bx1xTxS, logits, _NEG)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def attn_scale(
+    att_BxHxTxS: jnp.ndarray, w_H: jnp.ndarray, allowed_Bx1xTxS: jnp.ndarray | None
+) -> jnp.ndarray:
+    """AttnScale (Wang et al. 2022): A' = A_DC + (1 + w_h)(A - A_DC), A_DC the uniform attention.
+
+    A_DC = 1 1^T / n for bidirectional attention; with a causal or padding mask we use the uniform
+    distribution over each query's allowed keys (our generalisation; it keeps A' causal)."""
+    if allowed_Bx1xTxS is None:
+        a_dc = jnp.full_like(att_BxHxTxS, 1.0 / att_BxHxTxS.shape[-1])
+    else:
+        allowed = allowed_Bx1xTxS.astype(jnp.float32)
+        a_dc = allowed / jnp.maximum(jnp.sum(allowed, axis=-1, keepdims=True), 1.0)
+    return a_dc + (1.0 + w_H.astype(jnp.float32))[None, :, None, None] * (att_BxHxTxS - a_dc)
+
+
+def feat_scale(
+    y_BxTxD: jnp.ndarray, s_dc_D: jnp.ndarray, s_hc_D: jnp.ndarray, *, causal: bool
+) -> jnp.ndarray:
+    """FeatScale (Wang et al. 2022): Y' = Y + s_dc * DC[Y] + s_hc * (Y - DC[Y]), per-channel s.
+
+    DC[Y] is the token mean; for causal models the running (prefix) mean, so no token sees the future."""
+    y32 = y_BxTxD.astype(jnp.float32)
+    if causal:
+        count_T = jnp.arange(1, y32.shape[1] + 1, dtype=jnp.float32)
+        dc = jnp.cumsum(y32, axis=1) / count_T[None, :, None]
+    else:
+        dc = jnp.mean(y32, axis=1, keepdims=True)
+    out = y32 + s_dc_D[None, None, :] * dc + s_hc_D[None, None, :] * (y32 - dc)
+    return out.astype(y_BxTxD.dtype)
+
+
+def multihead_attention(
+    x_BxTxD: jnp.ndarray,
+    w_q_DxD: jnp.ndarray,
+    w_k_DxD: jnp.ndarray,
+    w_v_DxD: jnp.ndarray,
+    w_o_DxD: jnp.ndarray,
+    *,
+    num_heads: int,
+    b_q_D: jnp.ndarray | None = None,
+    b_k_D: jnp.ndarray | None = None,
+    b_v_D: jnp.ndarray | None = None,
+    b_o_D: jnp.ndarray | None = None,
+    mask_BxS: jnp.ndarray | None = None,
+    causal: bool = False,
+    attn_scale_H: jnp.ndarray | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+    dtype: jnp.dtype | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Self-attention y = concat_h(A_h X W_V[:, h]) W_O (+ biases). Returns (y_BxTxD, att_BxHxTxT).
+
+    Matmuls run in `dtype` (default: x's dtype); attention logits and softmax in float32.
+    """
+    b, t, d = x_BxTxD.shape
+    if d % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide the width D={d}")
+    for name, w in (("w_q", w_q_DxD), ("w_k", w_k_DxD), ("w_v", w_v_DxD), ("w_o", w_o_DxD)):
+        if w.shape != (d, d):
+            raise ValueError(f"{name} has shape {w.shape}; expected ({d}, {d}) for input width {d}")
+    if mask_BxS is not None and mask_BxS.shape != (b, t):
+        raise ValueError(f"mask has shape {mask_BxS.shape}; expected (B, T) = {(b, t)}")
+    dtype = dtype or x_BxTxD.dtype
+    k_dim = d // num_heads
+    x = x_BxTxD.astype(dtype)
+
+    def project(w_DxD, b_D):
+        y_BxTxD = x @ w_DxD.astype(dtype)
+        if b_D is not None:
+            y_BxTxD = y_BxTxD + b_D.astype(dtype)[None, None, :]
+        return y_BxTxD.reshape(b, t, num_heads, k_dim)
+
+    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (
+        project(w_q_DxD, b_q_D),
+        project(w_k_DxD, b_k_D),
+        project(w_v_DxD, b_v_D),
+    )
+    allowed = allowed_keys(b, t, t, mask_BxS=mask_BxS, causal=causal)
+    att_BxHxTxS = attention_weights(q_BxTxHxK, k_BxSxHxK, allowed)
+    if attn_scale_H is not None:
+        att_BxHxTxS = attn_scale(att_BxHxTxS, attn_scale_H, allowed)
+    att_used = dropout(att_BxHxTxS, dropout_rate, dropout_key).astype(dtype)
+    z_BxTxHxK = jnp.einsum("BHTS,BSHK->BTHK", att_used, v_BxSxHxK)
+    y_BxTxD = z_BxTxHxK.reshape(b, t, d) @ w_o_DxD.astype(dtype)
+    if b_o_D is not None:
+        y_BxTxD = y_BxTxD + b_o_D.astype(dtype)[None, None, :]
+    return y_BxTxD, att_BxHxTxS
+
+
+def mlp(
+    x_BxTxD: jnp.ndarray,
+    w1_DxM: jnp.ndarray,
+    b1_M: jnp.ndarray,
+    w2_MxD: jnp.ndarray,
+    b2_D: jnp.ndarray,
+    *,
+    dtype: jnp.dtype | None = None,
+) -> jnp.ndarray:
+    """The position-wise MLP: GELU (exact, erf) between two dense layers."""
+    dtype = dtype or x_BxTxD.dtype
+    h = x_BxTxD.astype(dtype) @ w1_DxM.astype(dtype) + b1_M.astype(dtype)[None, None, :]
+    h = jax.nn.gelu(h, approximate=False)
+    return h @ w2_MxD.astype(dtype) + b2_D.astype(dtype)[None, None, :]

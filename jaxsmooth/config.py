@@ -1,0 +1,226 @@
+"""Typed, hashable model configuration: the spectral constraint, the model shape and DeepNet constants.
+
+Everything here is a frozen dataclass, so a config can be a static argument of `jax.jit` and two equal
+configs hash equally. Validation happens in `__post_init__`: a bad value fails at construction, before
+any parameter is allocated, with a `ValueError` naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+MODES = ("smooth", "sharpen", "neutral", "free")
+BASES = ("orthogonal", "general")
+BOUNDS = ("clip", "smooth")
+RESIDUALS = ("pre_ln", "post_ln", "deepnorm")
+LN_GAINS = ("free", "positive")
+REMATS = ("none", "full", "nested")
+DTYPES = ("float32", "bfloat16", "float16")
+ARCHS = ("encoder", "decoder", "encoder_decoder")
+BRANCH_SCALES = ("none", "attnscale", "featscale")
+
+# Default eigenvalue interval of each mode, stated for the *effective* update (see Spectrum docstring).
+# smooth: (0, 1] is our choice (the paper states no bound for "ViT plus"); sharpen: [-1, 0) is the paper's
+# sufficient condition against oversmoothing; neutral: [-1, 1] lets each eigenvalue pick its sign.
+_DEFAULT_RANGE = {"smooth": (0.0, 1.0), "sharpen": (-1.0, 0.0), "neutral": (-1.0, 1.0)}
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spectrum:
+    """The constraint on the eigenvalues of H = W_V W_O (PAPER.md section 2).
+
+    mode:  "smooth"  eigenvalues in (0, hi]   -> the DC (all-tokens-equal) mode dominates: smoothing.
+           "sharpen" eigenvalues in [lo, 0)   -> the paper's sufficient condition against oversmoothing.
+           "neutral" eigenvalues in [lo, hi]  (both signs, bounded).
+           "free"    eigenvalues unconstrained, H still built as V diag(lambda) V^-1.
+    lo/hi: override the mode's default interval. Open ends (lo for smooth, hi for sharpen) are kept open
+           by `margin` (a fraction of hi - lo), so an eigenvalue never reaches the excluded end point. It
+           is tiny (1e-6) because DeepNorm's init puts eigenvalues at ~beta^2/alpha ~ 1e-3 of the range,
+           and a clipped eigenvalue has no gradient.
+    basis: "orthogonal" V = Q of QR(Theta), V^-1 = V^T, H symmetric (the paper).
+           "general"    V = Q1 diag(s) Q2^T with s in [kappa^-1/2, kappa^1/2], so cond(V) <= max_cond and
+                        V^-1 = Q2 diag(1/s) Q1^T is exact: any diagonalisable H with real eigenvalues whose
+                        eigenvector matrix has condition number <= max_cond.
+    bound: "clip"   lambda = clip(+-psi^2, lo, hi) (the paper; zero gradient when saturated).
+           "smooth" lambda = lo + (hi - lo) sigmoid(psi): differentiable everywhere, same interval.
+
+    Ranges refer to the effective update of a residual branch. With DeepNorm the skip path is scaled by
+    alpha, LN(alpha x + f(x)) = LN(x + f(x)/alpha), so the library composes H with eigenvalues in
+    [alpha lo, alpha hi] and H/alpha satisfies the stated range (PAPER.md section 1, our choice).
+    """
+
+    mode: Literal["smooth", "sharpen", "neutral", "free"] = "sharpen"
+    basis: Literal["orthogonal", "general"] = "orthogonal"
+    bound: Literal["clip", "smooth"] = "clip"
+    lo: float | None = None
+    hi: float | None = None
+    max_cond: float = 10.0
+    margin: float = 1e-6
+
+    def __post_init__(self):
+        _check_choice("spectrum.mode", self.mode, MODES)
+        _check_choice("spectrum.basis", self.basis, BASES)
+        _check_choice("spectrum.bound", self.bound, BOUNDS)
+        if self.mode == "free":
+            if self.lo not in (None, -math.inf) or self.hi not in (None, math.inf):
+                raise ValueError(
+                    "spectrum.lo/hi must be None for mode='free' (its eigenvalues are unbounded)"
+                )
+            object.__setattr__(self, "lo", -math.inf)
+            object.__setattr__(self, "hi", math.inf)
+            if self.bound != "clip":
+                raise ValueError("spectrum.bound='smooth' needs a bounded interval; mode='free' has none")
+        else:
+            dlo, dhi = _DEFAULT_RANGE[self.mode]
+            # Resolve the defaults into the fields, so Spectrum(mode=m).lo/.hi expose them and two specs
+            # meaning the same interval compare (and hash) equal.
+            object.__setattr__(self, "lo", dlo if self.lo is None else float(self.lo))
+            object.__setattr__(self, "hi", dhi if self.hi is None else float(self.hi))
+            lo, hi = self.lo, self.hi
+            for name, v in (("spectrum.lo", lo), ("spectrum.hi", hi)):
+                if not math.isfinite(v):
+                    raise ValueError(f"{name}={v} must be finite")
+            if not lo < hi:
+                raise ValueError(f"spectrum.lo={lo} must be < spectrum.hi={hi}")
+            if self.mode == "smooth" and lo < 0:
+                raise ValueError(f"spectrum.lo={lo} must be >= 0 for mode='smooth' (eigenvalues in (lo, hi])")
+            if self.mode == "sharpen" and hi > 0:
+                raise ValueError(
+                    f"spectrum.hi={hi} must be <= 0 for mode='sharpen' (eigenvalues in [lo, hi))"
+                )
+        if not (math.isfinite(self.max_cond) and self.max_cond >= 1.0):
+            raise ValueError(f"spectrum.max_cond={self.max_cond} must be a finite number >= 1")
+        if not 0.0 <= self.margin < 0.5:
+            raise ValueError(f"spectrum.margin={self.margin} must be in [0, 0.5)")
+
+    def closed_interval(self, alpha: float = 1.0) -> tuple[float, float]:
+        """[a, b] that every composed eigenvalue lies in, open ends pulled in by `margin`, scaled by alpha."""
+        if self.mode == "free":
+            return (-math.inf, math.inf)
+        lo, hi = self.lo, self.hi
+        eps = self.margin * (hi - lo)
+        a = lo + eps if self.mode == "smooth" else lo  # smooth: (lo, hi]
+        b = hi - eps if self.mode == "sharpen" else hi  # sharpen: [lo, hi)
+        return alpha * a, alpha * b
+
+
+def deepnorm(arch: str, n_layers: int, m_layers: int | None = None):
+    """DeepNet residual scale alpha and init scale beta (Wang et al. 2022, arXiv 2203.00555, Table 1).
+
+    x_{l+1} = LN(alpha x_l + G_l(x_l)); W_V, W_O and both FFN matrices are scaled by beta at init.
+      "encoder":          n_layers = N.  alpha = (2N)^(1/4),  beta = (8N)^(-1/4)
+      "decoder":          n_layers = M.  alpha = (2M)^(1/4),  beta = (8M)^(-1/4)
+      "encoder_decoder":  N encoder and M = m_layers decoder layers; returns ((alpha_e, beta_e), (alpha_d,
+                          beta_d)) with alpha_e = 0.81 (N^4 M)^(1/16), beta_e = 0.87 (N^4 M)^(-1/16),
+                          alpha_d = (3M)^(1/4), beta_d = (12M)^(-1/4).
+    We follow the paper where torchscale differs (its encoder beta in encoder-decoder models is 1.15x).
+    """
+    _check_choice("arch", arch, ARCHS)
+    if not (isinstance(n_layers, int) and n_layers >= 1):
+        raise ValueError(f"n_layers={n_layers!r} must be a positive integer")
+    if arch == "encoder_decoder":
+        if not (isinstance(m_layers, int) and m_layers >= 1):
+            raise ValueError(f"m_layers={m_layers!r} must be a positive integer for arch='encoder_decoder'")
+        nm = float(n_layers) ** 4 * m_layers
+        enc = (0.81 * nm ** (1 / 16), 0.87 * nm ** (-1 / 16))
+        dec = ((3.0 * m_layers) ** 0.25, (12.0 * m_layers) ** -0.25)
+        return enc, dec
+    if m_layers is not None:
+        raise ValueError(f"m_layers is only used with arch='encoder_decoder', got arch={arch!r}")
+    return (2.0 * n_layers) ** 0.25, (8.0 * n_layers) ** -0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of a `Transformer` stack (and the ViT / CausalLM built on it).
+
+    Hashable, so it is a static argument of jit. Build it from an ml_collections ConfigDict with
+    `ModelConfig.from_dict(cfg.to_dict())`.
+    """
+
+    depth: int = 6  # number of blocks L
+    d_model: int = 64  # width D
+    num_heads: int = 4  # heads H; D % H == 0
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
+    spectrum: Spectrum | None = None  # None: unconstrained W_V, W_O (the baseline)
+    residual: Literal["pre_ln", "post_ln", "deepnorm"] = "pre_ln"
+    deepnorm_arch: Literal["encoder", "decoder"] = "encoder"  # which DeepNet formula sets alpha, beta
+    ln_gain: Literal["free", "positive"] = "free"  # positive: gamma = softplus(g) > 0, keeps eig signs
+    remat: Literal["none", "full", "nested"] = "none"
+    remat_group: int | None = None  # nested: layers per checkpointed group; None = round(sqrt(depth))
+    scan: bool = True  # False: a Python loop over layers (a test oracle; compile time grows with depth)
+    dropout: float = 0.0  # on attention probabilities and both branch outputs
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype; params stay float32
+    qkv_bias: bool = True
+    branch_scale: Literal["none", "attnscale", "featscale"] = "none"  # Wang et al. 2022 baselines
+    ln_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("depth", "d_model", "num_heads"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"model.{name}={v!r} must be a positive integer")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model}")
+        if not (self.mlp_ratio > 0 and math.isfinite(self.mlp_ratio)):
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be > 0")
+        if self.spectrum is not None and not isinstance(self.spectrum, Spectrum):
+            raise ValueError(f"model.spectrum must be a Spectrum or None, got {type(self.spectrum).__name__}")
+        _check_choice("model.residual", self.residual, RESIDUALS)
+        _check_choice("model.deepnorm_arch", self.deepnorm_arch, ("encoder", "decoder"))
+        _check_choice("model.ln_gain", self.ln_gain, LN_GAINS)
+        _check_choice("model.remat", self.remat, REMATS)
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.branch_scale", self.branch_scale, BRANCH_SCALES)
+        if self.remat_group is not None and not (1 <= self.remat_group <= self.depth):
+            raise ValueError(f"model.remat_group={self.remat_group} must be in [1, depth={self.depth}]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not self.ln_eps > 0:
+            raise ValueError(f"model.ln_eps={self.ln_eps} must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return max(1, int(round(self.mlp_ratio * self.d_model)))
+
+    @property
+    def alpha_beta(self) -> tuple[float, float]:
+        """(alpha, beta): DeepNet constants for residual='deepnorm', else (1, 1). Computed once per config."""
+        if self.residual != "deepnorm":
+            return 1.0, 1.0
+        return deepnorm(self.deepnorm_arch, self.depth)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """From a plain dict (e.g. ConfigDict.to_dict()); `spectrum` may be a dict, or None / {} / "none"."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        spec = d.get("spectrum")
+        if isinstance(spec, dict):
+            spec = dict(spec)
+            if spec.get("mode") in (None, "none"):
+                spec = None
+            else:
+                sknown = {f.name for f in dataclasses.fields(Spectrum)}
+                bad = sorted(set(spec) - sknown)
+                if bad:
+                    raise ValueError(f"unknown spectrum field(s) {bad}; known fields: {sorted(sknown)}")
+                spec = Spectrum(**spec)
+        elif spec in ("none", ""):
+            spec = None
+        d["spectrum"] = spec
+        return cls(**d)

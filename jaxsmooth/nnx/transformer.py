@@ -1,0 +1,180 @@
+"""The block stack: `depth` blocks built by nnx.vmap and run by a scan, so init and compile time do not
+grow with depth (PAPER.md section 4 for DeepNorm; STYLE.md points 3-5, 10).
+
+    pre_ln:   x = x + Attn(LN1(x));            x = x + MLP(LN2(x));            final LN after the stack
+    post_ln:  x = LN1(x + Attn(x));            x = LN2(x + MLP(x))
+    deepnorm: x = LN1(alpha x + Attn(x));      x = LN2(alpha x + MLP(x))        (DeepNet)
+
+Running the stack: the stacked block state is split off once (nnx.split), a pure body merges one layer's
+slice and applies it, and jax.lax.scan runs the body over the leading [L] axis. The body returns only
+the new activations (and per-layer statistics), never parameters, so XLA does not copy the stack.
+Per-layer inputs (dropout keys) ride the scan as xs; depth constants (alpha) are closed over.
+
+remat: "none"   the scan saves every layer's internals for the backward pass: O(L) memory.
+       "full"   each layer is checkpointed: only the [B, T, D] carry of each layer is saved.
+       "nested" groups of G layers (G = remat_group or round(sqrt(L))) are checkpointed and, inside a
+                group, each layer again: about (L / G + G) carries, i.e. O(sqrt(L)) memory, for the price
+                of one more forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsmooth import metrics
+from jaxsmooth.attention import dropout as _dropout
+from jaxsmooth.config import ModelConfig
+from jaxsmooth.nnx.layers import MLP, Attention, LayerNorm, SpectralAttention, eigvals_by_modulus
+
+
+class Block(nnx.Module):
+    """One attention + MLP block; __call__ returns (x, per-layer aux dict)."""
+
+    def __init__(self, config: ModelConfig, *, causal: bool = False, rngs: nnx.Rngs):
+        c = config
+        alpha, beta = c.alpha_beta
+        self.residual, self.alpha, self.dropout = c.residual, alpha, c.dropout
+        dtype = jnp.dtype(c.dtype)
+        common = dict(
+            causal=causal, beta=beta, qkv_bias=c.qkv_bias, dropout=c.dropout, dtype=dtype,
+            branch_scale=c.branch_scale, rngs=rngs,
+        )  # fmt: skip
+        if c.spectrum is None:
+            self.attn = Attention(c.d_model, c.num_heads, **common)
+        else:
+            # The branch is compared with alpha * x on the skip path, so the spectral range is scaled by
+            # alpha (only DeepNorm has alpha != 1).
+            self.attn = SpectralAttention(c.d_model, c.num_heads, c.spectrum, alpha=alpha, **common)
+        self.ln1 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
+        self.ln2 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
+        self.mlp = MLP(c.d_model, c.mlp_dim, beta=beta, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BxTxD, *, mask_BxT=None, dropout_key=None, stats=False, attention=False):
+        keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+        drop = lambda y, k: _dropout(y, self.dropout, k)
+        if self.residual == "pre_ln":
+            a, att = self.attn(self.ln1(x_BxTxD), mask_BxT=mask_BxT, dropout_key=keys[0], return_weights=True)
+            x = x_BxTxD + drop(a, keys[1]).astype(x_BxTxD.dtype)
+            x = x + drop(self.mlp(self.ln2(x)), keys[2]).astype(x.dtype)
+        else:
+            skip = 1.0 if self.residual == "post_ln" else self.alpha
+            a, att = self.attn(x_BxTxD, mask_BxT=mask_BxT, dropout_key=keys[0], return_weights=True)
+            x = self.ln1(skip * x_BxTxD + drop(a, keys[1]).astype(x_BxTxD.dtype))
+            x = self.ln2(skip * x + drop(self.mlp(x), keys[2]).astype(x.dtype))
+        aux: dict[str, Any] = {}
+        if stats:
+            aux.update(metrics.layer_stats(x, mask_BxT))
+        if attention:
+            aux["attention"] = jnp.mean(att, axis=0)  # batch-averaged [H, T, T]
+        return x, aux
+
+
+class Transformer(nnx.Module):
+    """x [B, T, D] -> [B, T, D] through `config.depth` blocks (no embedding)."""
+
+    def __init__(self, config: ModelConfig, *, causal: bool = False, rngs: nnx.Rngs):
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"config must be a jaxsmooth.ModelConfig, got {type(config).__name__}")
+        self.config, self.causal = config, causal
+
+        @nnx.split_rngs(splits=config.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(r: nnx.Rngs) -> Block:
+            return Block(config, causal=causal, rngs=r)
+
+        self.blocks = make_blocks(rngs)  # every block variable has a leading [L] axis
+        self.final_ln = (
+            LayerNorm(config.d_model, gain=config.ln_gain, eps=config.ln_eps)
+            if config.residual == "pre_ln"
+            else None
+        )
+
+    def __call__(
+        self,
+        x_BxTxD: jnp.ndarray,
+        *,
+        mask_BxT: jnp.ndarray | None = None,
+        dropout_key: jax.Array | None = None,
+        return_stats: bool = False,
+        return_attention: bool = False,
+    ):
+        """Returns y_BxTxD, or (y_BxTxD, aux) if return_stats/return_attention.
+
+        aux["<stat>"]: [L] per-layer smoothing metrics of the residual stream after each block (keys:
+        `metrics.LAYER_STAT_KEYS`), and aux["input"]["<stat>"]: the same for the stack's input, so
+        concatenating gives L + 1 points. aux["attention"]: [L, H, T, T] batch-averaged attention.
+        dropout_key=None means deterministic (no dropout).
+        """
+        c = self.config
+        if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != c.d_model:
+            raise ValueError(f"input has shape {x_BxTxD.shape}; expected [B, T, D={c.d_model}]")
+        graphdef, state = nnx.split(self.blocks)
+        keys_L = None if dropout_key is None else jax.random.split(dropout_key, c.depth)
+        want = dict(stats=return_stats, attention=return_attention)
+
+        def body(x, xs):
+            layer_state, key = xs
+            y, aux = nnx.merge(graphdef, layer_state)(x, mask_BxT=mask_BxT, dropout_key=key, **want)
+            return y, aux
+
+        x = x_BxTxD.astype(jnp.dtype(c.dtype))
+        x, aux = _run_stack(body, x, (state, keys_L), c)
+        if self.final_ln is not None:
+            x = self.final_ln(x)
+        if not (return_stats or return_attention):
+            return x
+        if return_stats:
+            aux["input"] = metrics.layer_stats(x_BxTxD, mask_BxT)
+        return x, aux
+
+    # ---- spectra, read straight from the stacked parameters (no forward pass) -------------------------
+    def _per_layer(self, fn):
+        graphdef, state = nnx.split(self.blocks)
+        return jax.vmap(lambda s: fn(nnx.merge(graphdef, s)))(state)
+
+    def effective_h(self) -> jnp.ndarray:
+        """[L, D, D]: H = W_V W_O of every layer."""
+        return self._per_layer(lambda b: b.attn.effective_h())
+
+    def eigenvalues(self):
+        """[L, D] eigenvalues of H per layer: exact real lambda (jnp) for spectral attention; host-side
+        complex eigenvalues sorted by modulus (numpy) for the unconstrained baseline."""
+        if self.config.spectrum is not None:
+            return self._per_layer(lambda b: b.attn.eigenvalues())
+        return eigvals_by_modulus(np.asarray(self.effective_h(), np.float64))
+
+    def ln_gains(self) -> jnp.ndarray:
+        """[L, 2, D] effective LayerNorm gains (ln1, ln2) of every block."""
+        return self._per_layer(lambda b: jnp.stack([b.ln1.effective_gain(), b.ln2.effective_gain()]))
+
+
+def _run_stack(body, x, xs, c: ModelConfig):
+    """Apply `body` over the leading [L] axis of xs, scanned (or unrolled) with the configured remat."""
+    layer = body if c.remat == "none" else jax.checkpoint(body, prevent_cse=not c.scan)
+    if not c.scan:  # Python loop: a test oracle; trace and compile time grow with depth.
+        outs = []
+        for i in range(c.depth):
+            x, aux = layer(x, jax.tree.map(lambda a: a[i], xs))
+            outs.append(aux)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if c.remat != "nested":
+        return jax.lax.scan(layer, x, xs)
+    g = c.remat_group or max(1, int(round(math.sqrt(c.depth))))
+    n_groups, rest = divmod(c.depth, g)
+
+    def group(x, xs_g):
+        return jax.lax.scan(layer, x, xs_g)
+
+    head = jax.tree.map(lambda a: a[: n_groups * g].reshape(n_groups, g, *a.shape[1:]), xs)
+    x, aux = jax.lax.scan(jax.checkpoint(group, prevent_cse=False), x, head)
+    aux = jax.tree.map(lambda a: a.reshape(n_groups * g, *a.shape[2:]), aux)
+    if rest:  # the remainder that does not fill a group runs layer-checkpointed
+        x, aux_r = jax.lax.scan(layer, x, jax.tree.map(lambda a: a[n_groups * g :], xs))
+        aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), aux, aux_r)
+    return x, aux

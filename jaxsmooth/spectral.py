@@ -1,0 +1,175 @@
+"""The spectral reparameterisation H = W_V W_O = V diag(lambda) V^-1 as pure functions (PAPER.md section 2).
+
+Shapes: D = model width. `theta` parameterises the eigenvector matrix V, `psi_D` the eigenvalues.
+    basis="orthogonal": theta is a [D, D] array; V = Q of QR(theta), V^-1 = V^T, H symmetric.
+    basis="general":    theta is a dict {"u": [D, D], "w": [D, D], "s": [D]};
+                        V = Q(u) diag(sigma) Q(w)^T with sigma = kappa^(tanh(s)/2), so cond(V) <= kappa
+                        (= Spectrum.max_cond) and V^-1 = Q(w) diag(1/sigma) Q(u)^T is exact: no matrix
+                        inverse is ever computed, whatever the parameters.
+    W_V := V diag(lambda), W_O := V^-1, so W_V W_O = H and, for multi-head attention, head h uses columns
+    h*K:(h+1)*K of W_V and the same rows of W_O: the per-head maps sum to H.
+
+Everything is computed in float32 (callers cast the result to their compute dtype). For any finite
+parameters the eigenvalues lie in Spectrum.closed_interval(alpha) and gradients are finite: QR is
+scale-invariant so theta is normalised first, and the QR derivative (which needs R^-1) uses an R whose
+diagonal is floored, which only changes gradients at (near-)rank-deficient theta, where the true
+derivative does not exist.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxsmooth.config import Spectrum
+
+Theta = Any  # jnp.ndarray [D, D] (orthogonal basis) or dict(u=[D, D], w=[D, D], s=[D]) (general basis)
+
+_TINY = 1e-30  # smallest scale we normalise theta by; below it QR would work on subnormal numbers
+_R_FLOOR = (
+    1e-6  # floor on diag(R) of the normalised theta in the QR derivative (only active near rank deficiency)
+)
+
+
+def _qr_positive(theta_DxD: jnp.ndarray):
+    """QR of theta / max|theta| with diag(R) >= 0 (the unique QR for full-rank input), and the scale."""
+    peak = jnp.max(jnp.abs(theta_DxD))
+    scale = jnp.where(peak > _TINY, peak, 1.0)  # all-zero (or subnormal) theta: QR of zeros, Q = I
+    q, r = jnp.linalg.qr(theta_DxD / scale)
+    sign_D = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+    return q * sign_D[None, :], r * sign_D[:, None], scale
+
+
+@jax.custom_jvp
+def orthogonal(theta_DxD: jnp.ndarray) -> jnp.ndarray:
+    """Q factor of QR(theta) with positive diag(R): an orthogonal matrix for ANY finite theta."""
+    return _qr_positive(theta_DxD)[0]
+
+
+@orthogonal.defjvp
+def _orthogonal_jvp(primals, tangents):
+    # X = QR  =>  Q^T dX R^-1 = Q^T dQ + dR R^-1, with Q^T dQ skew and dR R^-1 upper triangular, so
+    # dQ = Q (L - L^T) with L = strict lower triangle of Q^T dX R^-1 (the square case of JAX's qr_jvp).
+    (theta,), (dtheta,) = primals, tangents
+    q, r, scale = _qr_positive(theta)
+    d_D = jnp.diagonal(r)
+    floor = _R_FLOOR  # in units of the normalised theta, whose largest entry is 1
+    r_safe = r + jnp.diag(jnp.maximum(d_D, floor) - d_D)
+    dx_rinv = jax.lax.linalg.triangular_solve(r_safe, dtheta / scale, left_side=False, lower=False)
+    low = jnp.tril(q.T @ dx_rinv, -1)
+    return q, q @ (low - low.T)
+
+
+def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> jnp.ndarray:
+    """lambda_D of H from the free vector psi_D; inside spectrum.closed_interval(alpha) for any finite psi.
+
+    clip:   sharpen -psi^2, smooth +psi^2 (the paper's "minus"/"plus"), neutral psi; clipped to [a, b].
+    smooth: alpha (lo + (hi - lo) sigmoid(psi)); also clipped, since sigmoid saturates to 0/1 in float32.
+    free:   psi itself (eigen-parameterised but unconstrained).
+    """
+    psi = jnp.asarray(psi_D, jnp.float32)
+    if spectrum.mode == "free":
+        return psi
+    a, b = spectrum.closed_interval(alpha)
+    if spectrum.bound == "smooth":
+        raw = alpha * (spectrum.lo + (spectrum.hi - spectrum.lo) * jax.nn.sigmoid(psi))
+    elif spectrum.mode in ("sharpen", "smooth"):
+        # |psi| beyond r already saturates the clip; capping it first keeps psi^2 (and its derivative
+        # 2 psi, multiplied by the clip's zero derivative) finite for psi up to float32 max.
+        r = 2.0 * math.sqrt(max(abs(a), abs(b))) + 1.0
+        sq = jnp.square(jnp.clip(psi, -r, r))
+        raw = -sq if spectrum.mode == "sharpen" else sq
+    else:  # neutral
+        raw = psi
+    return jnp.clip(raw, a, b)
+
+
+def eigenvalues_inverse(lam_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> jnp.ndarray:
+    """A psi_D with eigenvalues(psi) == lam_D (after clipping lam_D into the allowed interval)."""
+    lam = jnp.asarray(lam_D, jnp.float32)
+    if spectrum.mode == "free":
+        return lam
+    a, b = spectrum.closed_interval(alpha)
+    lam = jnp.clip(lam, a, b)
+    if spectrum.bound == "smooth":
+        p = (lam / alpha - spectrum.lo) / (spectrum.hi - spectrum.lo)
+        p = jnp.clip(p, 1e-6, 1 - 1e-6)
+        return jnp.log(p) - jnp.log1p(-p)
+    if spectrum.mode in ("sharpen", "smooth"):
+        return jnp.sqrt(jnp.abs(lam))
+    return lam
+
+
+def basis(theta: Theta, spectrum: Spectrum) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(V, V^-1), both [D, D] float32, for either basis; V^-1 is formed from orthogonal factors only."""
+    if spectrum.basis == "orthogonal":
+        if isinstance(theta, dict):
+            raise ValueError("basis='orthogonal' takes theta as one [D, D] array, got a dict")
+        q = orthogonal(jnp.asarray(theta, jnp.float32))
+        return q, q.T
+    if not (isinstance(theta, dict) and set(theta) == {"u", "w", "s"}):
+        raise ValueError("basis='general' takes theta as a dict with keys 'u', 'w' ([D, D]) and 's' ([D])")
+    q1 = orthogonal(jnp.asarray(theta["u"], jnp.float32))
+    q2 = orthogonal(jnp.asarray(theta["w"], jnp.float32))
+    # sigma in [kappa^-1/2, kappa^1/2] => cond(V) = max sigma / min sigma <= kappa.
+    log_sigma_D = 0.5 * math.log(spectrum.max_cond) * jnp.tanh(jnp.asarray(theta["s"], jnp.float32))
+    v = (q1 * jnp.exp(log_sigma_D)[None, :]) @ q2.T
+    v_inv = (q2 * jnp.exp(-log_sigma_D)[None, :]) @ q1.T
+    return v, v_inv
+
+
+def value_projection(
+    theta: Theta, psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(w_v_DxD, w_o_DxD) with w_v @ w_o = H = V diag(lambda) V^-1 and eig(H) = lambda (float32)."""
+    v, v_inv = basis(theta, spectrum)
+    lam_D = eigenvalues(psi_D, spectrum, alpha)
+    _check_width(v, lam_D)
+    return v * lam_D[None, :], v_inv
+
+
+def compose(theta: Theta, psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> jnp.ndarray:
+    """H_DxD = W_V W_O."""
+    w_v, w_o = value_projection(theta, psi_D, spectrum, alpha)
+    return w_v @ w_o
+
+
+def init(
+    key: jax.Array, d: int, spectrum: Spectrum, *, alpha: float = 1.0, scale: float = 1.0
+) -> tuple[Theta, jnp.ndarray]:
+    """Initial (theta, psi_D). Our choice (the paper gives none):
+
+    - theta ~ N(0, 1): Q of its QR is Haar-distributed orthogonal. General basis: u, w ~ N(0, 1), s = 0,
+      so V starts orthogonal and the optimiser may skew it up to cond(V) <= max_cond.
+    - eigenvalues u ~ Uniform over the central 90% of the mode's interval ([-1, 1] for "free"), so no
+      eigenvalue starts at (or clipped to) an end point where the clip bound has no gradient; times
+      `scale`. DeepNorm passes
+      scale = beta^2: beta multiplies W_V and W_O at init, so it multiplies H = W_V W_O, hence lambda,
+      by beta^2, exactly as it does for the unconstrained model; the range constraint is untouched.
+    """
+    if not (isinstance(d, int) and d >= 1):
+        raise ValueError(f"width d={d!r} must be a positive integer")
+    k_theta, k_w, k_lam = jax.random.split(key, 3)
+    lo, hi = (-1.0, 1.0) if spectrum.mode == "free" else (spectrum.lo, spectrum.hi)
+    pad = 0.05 * (hi - lo)
+    lam_D = scale * jax.random.uniform(k_lam, (d,), jnp.float32, lo + pad, hi - pad)
+    psi_D = eigenvalues_inverse(lam_D, spectrum, alpha)
+    u = jax.random.normal(k_theta, (d, d), jnp.float32)
+    if spectrum.basis == "orthogonal":
+        return u, psi_D
+    return {
+        "u": u,
+        "w": jax.random.normal(k_w, (d, d), jnp.float32),
+        "s": jnp.zeros((d,), jnp.float32),
+    }, psi_D
+
+
+def _check_width(v_DxD: jnp.ndarray, lam_D: jnp.ndarray) -> None:
+    if v_DxD.ndim != 2 or v_DxD.shape[0] != v_DxD.shape[1] or lam_D.shape != v_DxD.shape[:1]:
+        raise ValueError(
+            f"theta must give a square [D, D] basis and psi a [D] vector; got basis {v_DxD.shape}, "
+            f"psi {lam_D.shape}"
+        )

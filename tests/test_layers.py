@@ -1,0 +1,148 @@
+"""Attention layers: forward equals a dense float64 reference built from effective_h(); heads sum to H;
+Linen and NNX agree; masks and causality hold; DeepNorm's beta scales exactly the matrices it should."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxsmooth
+from jaxsmooth import linen as jlinen
+from jaxsmooth.nnx import Attention, SpectralAttention
+
+D, H, T, B = 12, 3, 6, 2
+SPECS = [
+    jaxsmooth.Spectrum("sharpen"),
+    jaxsmooth.Spectrum("smooth", basis="general", bound="smooth"),
+    jaxsmooth.Spectrum("neutral", basis="general"),
+]
+
+
+def _softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _dense_reference(m, x, causal=False):
+    """y = sum_h A_h X H_h: per-head attention times the per-head value-output maps, in float64."""
+    x = np.asarray(x, np.float64)
+    q = x @ np.asarray(m.w_q[...], np.float64) + np.asarray(m.b_q[...], np.float64)
+    k = x @ np.asarray(m.w_k[...], np.float64) + np.asarray(m.b_k[...], np.float64)
+    kd = D // H
+    maps = np.asarray(m.head_maps(), np.float64)
+    np.testing.assert_allclose(maps.sum(0), np.asarray(m.effective_h(), np.float64), atol=1e-5)
+    y = np.zeros_like(x)
+    for h in range(H):
+        logits = (
+            q[..., h * kd : (h + 1) * kd] @ np.swapaxes(k[..., h * kd : (h + 1) * kd], -1, -2) / np.sqrt(kd)
+        )
+        if causal:
+            logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+        y += _softmax(logits) @ x @ maps[h]
+    return y
+
+
+@pytest.mark.parametrize("spectrum", SPECS, ids=lambda s: f"{s.mode}-{s.basis}-{s.bound}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_spectral_attention_equals_dense_reference(spectrum, causal):
+    m = SpectralAttention(D, H, spectrum, causal=causal, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
+    np.testing.assert_allclose(np.asarray(m(x)), _dense_reference(m, x, causal), atol=2e-5, rtol=1e-4)
+    # eigenvalues() is exact: it matches float64 eigenvalues of effective_h()
+    ev = np.linalg.eigvals(np.asarray(m.effective_h(), np.float64))
+    np.testing.assert_allclose(np.sort(ev.real), np.sort(np.asarray(m.eigenvalues())), atol=1e-4)
+
+
+def test_baseline_attention_equals_dense_reference():
+    m = Attention(D, H, rngs=nnx.Rngs(0))
+    m.b_v[...] = jnp.zeros(D)  # the reference has no V/O biases
+    m.b_o[...] = jnp.zeros(D)
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
+    np.testing.assert_allclose(np.asarray(m(x)), _dense_reference(m, x), atol=2e-5, rtol=1e-4)
+    ev = m.eigenvalues()
+    assert ev.dtype == np.complex128 and np.all(np.diff(np.abs(ev)) <= 1e-12)  # sorted by modulus
+
+
+def test_causal_attention_does_not_look_ahead():
+    m = SpectralAttention(D, H, SPECS[0], causal=True, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, T, D))
+    # d y_t / d x_s == 0 for s > t (nanodo's causality-by-gradients check)
+    jac = jax.jacobian(lambda x: m(x)[0, 2].sum())(x)
+    assert np.all(np.asarray(jac[0, 3:]) == 0) and np.any(np.asarray(jac[0, :3]) != 0)
+
+
+def test_padding_mask_isolates_real_tokens():
+    m = SpectralAttention(D, H, SPECS[1], rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, T, D))
+    mask = jnp.asarray([[1, 1, 1, 1, 0, 0]])
+    y_masked = m(x, mask_BxT=mask)
+    y_alone = m.__class__.__call__(m, x[:, :4])
+    np.testing.assert_allclose(y_masked[:, :4], y_alone, atol=1e-5)
+    _, att = m(x, mask_BxT=mask, return_weights=True)
+    np.testing.assert_allclose(np.asarray(att).sum(-1), 1.0, atol=1e-5)
+    assert float(jnp.max(att[..., 4:])) == 0.0
+
+
+@pytest.mark.parametrize("spectrum", SPECS, ids=lambda s: f"{s.mode}-{s.basis}")
+@pytest.mark.parametrize("branch_scale", ["none", "attnscale", "featscale"])
+def test_linen_matches_nnx(spectrum, branch_scale):
+    m = SpectralAttention(D, H, spectrum, branch_scale=branch_scale, causal=True, rngs=nnx.Rngs(0))
+    params = jlinen.nnx_to_linen_params(m)
+    layer = jlinen.SpectralAttention(num_heads=H, spectrum=spectrum, branch_scale=branch_scale, causal=True)
+    x = jax.random.normal(jax.random.key(3), (B, T, D))
+    init_params = layer.init(jax.random.key(0), x)["params"]
+    assert jax.tree.map(jnp.shape, init_params) == jax.tree.map(jnp.shape, params)
+    # Give the scale parameters non-zero values so the Wang et al. paths are really compared.
+    params = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)
+    for k in params:
+        getattr(m, k)[...] = params[k]
+    np.testing.assert_allclose(np.asarray(layer.apply({"params": params}, x)), np.asarray(m(x)), atol=1e-6)
+    np.testing.assert_allclose(jlinen.effective_h(params, spectrum), m.effective_h(), atol=1e-6)
+
+
+def test_branch_scales_at_init_are_identity_and_change_output_when_trained():
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
+    ref = SpectralAttention(D, H, SPECS[0], rngs=nnx.Rngs(0))(x)
+    for bs in ("attnscale", "featscale"):
+        m = SpectralAttention(D, H, SPECS[0], branch_scale=bs, rngs=nnx.Rngs(0))
+        np.testing.assert_allclose(m(x), ref, atol=1e-6)  # init 0 = the plain layer
+        if bs == "attnscale":  # w_h = -1 removes the high-frequency part: every row is uniform
+            m.attn_scale[...] = -jnp.ones(H)
+            _, att = m(x, return_weights=True)
+            np.testing.assert_allclose(att, 1.0 / T, atol=1e-6)
+        else:  # s_hc = -1 removes the high-frequency part: all tokens equal
+            m.s_hc[...] = -jnp.ones(D)
+            y = m(x)
+            np.testing.assert_allclose(y - y.mean(1, keepdims=True), 0, atol=1e-5)
+
+
+def test_deepnorm_beta_scales_value_output_and_mlp_only():
+    base = jaxsmooth.ModelConfig(depth=8, d_model=D, num_heads=H)
+    deep = jaxsmooth.ModelConfig(depth=8, d_model=D, num_heads=H, residual="deepnorm")
+    alpha, beta = deep.alpha_beta
+    a = jaxsmooth.nnx.Block(base, rngs=nnx.Rngs(0))
+    b = jaxsmooth.nnx.Block(deep, rngs=nnx.Rngs(0))
+    for name in ("w_q", "w_k"):
+        np.testing.assert_allclose(getattr(b.attn, name)[...], getattr(a.attn, name)[...])
+    for mod, name in (("attn", "w_v"), ("attn", "w_o"), ("mlp", "w1"), ("mlp", "w2")):
+        got = getattr(getattr(b, mod), name)[...]
+        np.testing.assert_allclose(got, beta * getattr(getattr(a, mod), name)[...], rtol=1e-6)
+    # Spectral: beta scales H = W_V W_O by beta^2 at init, i.e. every eigenvalue.
+    sa = jaxsmooth.nnx.Block(base.__class__(**{**base.__dict__, "spectrum": SPECS[0]}), rngs=nnx.Rngs(0))
+    sb = jaxsmooth.nnx.Block(deep.__class__(**{**deep.__dict__, "spectrum": SPECS[0]}), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(sb.attn.eigenvalues(), beta**2 * sa.attn.eigenvalues(), rtol=1e-5)
+    assert sb.attn.alpha == pytest.approx(alpha)
+
+
+def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="num_heads"):
+        SpectralAttention(10, 3, SPECS[0], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="Spectrum"):
+        SpectralAttention(12, 3, "sharpen", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="branch_scale"):
+        Attention(12, 3, branch_scale="both", rngs=nnx.Rngs(0))
+    m = SpectralAttention(D, H, SPECS[0], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mask"):
+        m(jnp.zeros((B, T, D)), mask_BxT=jnp.ones((B, T + 1)))

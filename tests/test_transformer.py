@@ -1,0 +1,201 @@
+"""The stack: scanned == unrolled, every remat mode == no remat (values and gradients), compile size does
+not grow with depth, a 1000-layer DeepNorm spectral stack trains a step, per-layer stats come out of the
+scan, and the task models respect causality."""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxsmooth import ModelConfig, Spectrum, metrics
+from jaxsmooth.nnx import CausalLM, Transformer, ViT
+
+SHARPEN = Spectrum("sharpen")
+GENERAL = Spectrum("neutral", basis="general", bound="smooth")
+
+
+def _cfg(**kw):
+    return ModelConfig(**{"depth": 5, "d_model": 16, "num_heads": 2, "mlp_ratio": 2.0, **kw})
+
+
+def _loss_and_grad(cfg, x, key=None):
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def f(m, x, key):
+        return nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(x, dropout_key=key) - 0.5)))(m)
+
+    return f(model, x, key)
+
+
+def _assert_trees_close(a, b, rtol, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "spectrum, residual",
+    [(None, "pre_ln"), (SHARPEN, "deepnorm"), (GENERAL, "post_ln")],
+    ids=["baseline-pre_ln", "sharpen-deepnorm", "general-post_ln"],
+)
+def test_scanned_equals_unrolled_and_remat_equals_none(spectrum, residual):
+    x = jax.random.normal(jax.random.key(1), (2, 7, 16))
+    key = jax.random.key(7)  # with dropout: the per-layer keys ride the scan identically in every mode
+    ref_loss, ref_grad = _loss_and_grad(_cfg(spectrum=spectrum, residual=residual, dropout=0.1), x, key)
+    # depth 5 with the default nested group round(sqrt(5)) = 2 also runs the remainder path (2 groups + 1)
+    variants = [dict(scan=False), dict(remat="full"), dict(remat="nested")]
+    for v in variants:
+        loss, grad = _loss_and_grad(_cfg(spectrum=spectrum, residual=residual, dropout=0.1, **v), x, key)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(v))
+        _assert_trees_close(grad, ref_grad, rtol=2e-3, atol=2e-6)
+
+
+def _hlo_lines(depth, remat):
+    cfg = _cfg(depth=depth, spectrum=SHARPEN, remat=remat)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+
+    def loss(p, x):
+        return jnp.sum(nnx.merge(graphdef, p)(x))
+
+    x = jnp.ones((2, 4, 16))
+    text = jax.jit(jax.grad(loss)).lower(params, x).as_text()
+    return len(text.splitlines())
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "nested"])
+def test_compile_size_independent_of_depth(remat):
+    # depth 4 and 64: nested groups of 2 and 8 with no remainder, so the programs have the same shape.
+    assert _hlo_lines(4, remat) == _hlo_lines(64, remat)
+
+
+def test_1000_layer_deepnorm_spectral_stack_takes_a_gradient():
+    cfg = ModelConfig(
+        depth=1000, d_model=32, num_heads=2, mlp_ratio=2.0, spectrum=SHARPEN, residual="deepnorm", remat="nested"
+    )
+    t0 = time.perf_counter()
+    model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
+    x = jax.random.normal(jax.random.key(1), (2, 8, 32))
+
+    @nnx.jit
+    def step(m, x):
+        return nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(x) - x)))(m)
+
+    loss, grads = step(model, x)
+    jax.block_until_ready(grads)
+    elapsed = time.perf_counter() - t0
+    assert np.isfinite(float(loss))
+    g = nnx.state(grads, nnx.Param)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
+    # every layer gets gradient (not just the last few): the eigenvalue gradient is non-zero in each
+    psi_grad = np.asarray(grads.blocks.attn.psi[...])
+    assert psi_grad.shape == (1000, 32) and np.all(np.abs(psi_grad).sum(1) > 0)
+    lam = np.asarray(model.eigenvalues())
+    alpha, _ = cfg.alpha_beta
+    assert lam.shape == (1000, 32) and np.all(lam < 0) and np.all(lam >= -alpha)
+    print(f"1000-layer init + compile + fwd/bwd: {elapsed:.1f}s")
+
+
+def test_per_layer_stats_come_out_of_the_scan():
+    cfg = _cfg(depth=4, spectrum=SHARPEN)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 6, 16))
+    y, aux = model(x, return_stats=True, return_attention=True)
+    np.testing.assert_allclose(y, model(x), atol=1e-6)  # same forward
+    for k in metrics.LAYER_STAT_KEYS:
+        assert aux[k].shape == (4,) and aux["input"][k].shape == ()
+    assert aux["attention"].shape == (4, 2, 6, 6)
+    # the scan's numbers are the metrics of the real intermediate activations (unrolled by hand)
+    graphdef, state = nnx.split(model.blocks)
+    h = x
+    for layer in range(4):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
+        h, _ = block(h)
+        np.testing.assert_allclose(aux["token_cosine"][layer], jnp.mean(metrics.token_cosine(h)), rtol=1e-4)
+    np.testing.assert_allclose(aux["input"]["token_cosine"], jnp.mean(metrics.token_cosine(x)), rtol=1e-5)
+
+
+def test_layer_spectra_and_gains_per_layer():
+    model = Transformer(_cfg(depth=3, spectrum=SHARPEN, ln_gain="positive"), rngs=nnx.Rngs(0))
+    h = np.asarray(model.effective_h(), np.float64)
+    lam = np.asarray(model.eigenvalues())
+    for layer in range(3):
+        np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(h[layer])), np.sort(lam[layer]), atol=1e-5)
+    np.testing.assert_allclose(model.ln_gains(), 1.0, rtol=1e-5)  # softplus(g0) = 1
+    base = Transformer(_cfg(depth=3), rngs=nnx.Rngs(0))
+    assert base.eigenvalues().shape == (3, 16) and np.iscomplexobj(base.eigenvalues())
+
+
+def test_positive_ln_gain_stays_positive_under_adversarial_parameters():
+    model = Transformer(_cfg(depth=2, ln_gain="positive"), rngs=nnx.Rngs(0))
+    model.blocks.ln1.gain[...] = jnp.full((2, 16), -1e4)
+    assert np.all(np.asarray(model.ln_gains()[:, 0]) >= 0)
+
+
+def test_vit_and_causal_lm():
+    cfg = _cfg(depth=2, spectrum=SHARPEN)
+    vit = ViT(cfg, 10, (8, 8, 1), 4, rngs=nnx.Rngs(0))
+    logits, aux = vit(jnp.ones((3, 8, 8, 1)), return_stats=True)
+    assert logits.shape == (3, 10) and aux["token_cosine"].shape == (2,)
+    lm = CausalLM(dataclasses.replace(cfg, deepnorm_arch="decoder", residual="deepnorm"), 11, 9, rngs=nnx.Rngs(0))
+    ids = jnp.arange(9)[None, :] % 11
+    assert lm(ids).shape == (1, 9, 11)
+
+    # causality through the whole model: logits at position t do not depend on tokens after t
+    def f(emb):
+        return lm.transformer(emb)[0, 3].sum()
+
+    emb = jax.random.normal(jax.random.key(0), (1, 9, 16))
+    g = jax.grad(f)(emb)
+    assert np.all(np.asarray(g[0, 4:]) == 0) and np.any(np.asarray(g[0, :4]) != 0)
+    with pytest.raises(ValueError, match="max_len"):
+        lm(jnp.zeros((1, 10), jnp.int32))
+    with pytest.raises(ValueError, match="patch_size"):
+        ViT(cfg, 10, (8, 8, 1), 3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="expected"):
+        vit(jnp.ones((3, 9, 9, 1)))
+
+
+def test_bf16_compute_keeps_f32_params_and_spectrum():
+    cfg = _cfg(depth=3, spectrum=SHARPEN, dtype="bfloat16")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 7, 16))
+    y = model(x)
+    assert y.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    y32 = Transformer(dataclasses.replace(cfg, dtype="float32"), rngs=nnx.Rngs(0))(x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), y32, atol=0.1)  # bf16 has ~3 significant digits
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(d_model=10, num_heads=3), "num_heads"),
+        (dict(depth=0), "depth"),
+        (dict(residual="postln"), "residual"),
+        (dict(remat="sqrt"), "remat"),
+        (dict(remat="nested", remat_group=9), "remat_group"),
+        (dict(ln_gain="abs"), "ln_gain"),
+        (dict(dtype="float64"), "dtype"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(spectrum="sharpen"), "spectrum"),
+    ],
+)
+def test_bad_model_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"model.{field}"):
+        _cfg(**kwargs)
+
+
+def test_model_config_from_dict():
+    cfg = ModelConfig.from_dict(dict(depth=3, d_model=8, num_heads=2, spectrum=dict(mode="smooth", hi=0.5)))
+    assert cfg.spectrum == Spectrum("smooth", hi=0.5)
+    assert ModelConfig.from_dict(dict(spectrum=dict(mode="none"))).spectrum is None
+    with pytest.raises(ValueError, match="unknown model config field"):
+        ModelConfig.from_dict(dict(depht=3))
+    with pytest.raises(ValueError, match="unknown spectrum field"):
+        ModelConfig.from_dict(dict(spectrum=dict(mode="smooth", high=1.0)))
+    hash(cfg)  # static argument of jit
