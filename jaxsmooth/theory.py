@@ -1,0 +1,307 @@
+"""Eigen-theory of the linear residual attention layer X_{l+1} = X_l + A X_l H (PAPER.md section 1).
+
+Tokens are rows: X in R^{n x d}, A in R^{n x n} row-stochastic (the attention matrix, held fixed),
+H = W_V W_O in R^{d x d}. Write the layer map as T(X) = X + A X H. Linear algebra runs on the host in
+numpy float64; inputs may be jax or numpy arrays.
+
+Eigen-matrices. If A v_j = lambda^A_j v_j and u_i^T H = lambda^H_i u_i^T (u_i a *left* eigenvector of
+H), then A (v_j u_i^T) H = lambda^A_j lambda^H_i v_j u_i^T, so the rank-one matrix E_ij = v_j u_i^T obeys
+
+    T(E_ij) = mu_ij E_ij,       mu_ij = 1 + lambda^A_j lambda^H_i.
+
+Vectorised, vec(T(X)) = (I + H^T kron A) vec(X), whose n d eigenvalues are exactly the mu_ij. With
+the dual bases W^T V = I (w_j^T v_k = delta_jk) and U^T R = I (u_i^T r_k = delta_ik, H r_i =
+lambda^H_i r_i), a diagonalisable pair (A, H) gives X_0 = sum_ij c_ij E_ij with c_ij = w_j^T X_0 r_i and
+
+    X_L = T^L(X_0) = sum_ij c_ij mu_ij^L E_ij = V (C * Mu^L) U^T.
+
+Dominance. Let M = max |mu_ij| and the dominant set D = {(i, j): |mu_ij| >= (1 - tol) M}. For X_0 with a
+nonzero component on D, X_L / M^L -> P_L = Re sum_{(i,j) in D} c_ij (mu_ij / M)^L E_ij with relative
+error O(rate^L), rate = |mu_2| / |mu_1| = (largest |mu| outside D) / M. D is closed under complex
+conjugation (real A, H), so P_L is real. Its column space lies in S_A = span{v_j : (i, j) in D} and its
+row space in S_H = span{u_i : (i, j) in D}; with r_A = dim S_A, r_H = dim S_H (complex dimensions, equal
+to the real dimensions of the conjugation-closed spans), rank P_L <= min(r_A, r_H), with equality for
+generic X_0.
+
+Regimes (our precise definitions; PAPER.md states them informally), strongest first:
+
+- "input_convergence": r_A = 1 and S_A = span{1}. Then P_L = 1 b_L^T: every token converges to the
+  same vector b_L (which may still rotate from layer to layer if the dominant lambda^H are a complex
+  pair, or lie anywhere in a plane if lambda^H is repeated): mean cos -> 1, HFC/LFC -> 0, res -> 0. For
+  a row-stochastic A this says the only dominant A-mode is the DC mode lambda^A = 1, and it is simple.
+- "angle_convergence": the angle between every pair of tokens converges (to 0 or pi): the tokens become
+  collinear with *fixed* coefficients, either because r_A = 1 (one real A-eigenvector v: P_L = v b_L^T,
+  any real lambda^A, e.g. a negative one), or because r_H = 1 and all dominant mu are one real value
+  (P_L proportional to a u^T with a fixed). |cos| -> 1 for every pair of tokens with a nonzero
+  coefficient, while cos itself need not -> 1 (the v_k may differ in sign).
+- "rank_collapse": r_H = 1 but the dominant mu are not all equal, i.e. a complex-conjugate pair mu,
+  conj(mu) from a complex pair of lambda^A times one real lambda^H (or a real tie mu, -mu). P_L =
+  a_L u^T is rank one at every layer (sigma_2 / sigma_1 -> 0), but the token coefficients
+  a_L = 2 Re(c (mu / M)^L v) rotate, so the angles do *not* converge: pairs of tokens keep flipping
+  between parallel and anti-parallel (signed cosines oscillate), and |cos| dips whenever a coefficient
+  crosses zero and that token's direction is set by the sub-dominant modes.
+- "no_collapse": r_A >= 2 and r_H >= 2 (e.g. conjugate pairs in both A and H, or equal-modulus modes on
+  distinct A- and H-eigenvectors): the limit has rank >= 2 and sigma_2 / sigma_1 stays bounded away
+  from 0.
+
+A *unique* dominant mu (|D| = 1) is necessarily real with real lambda^A and lambda^H (a complex factor
+brings its conjugate pair, with the same |mu|), hence r_A = r_H = 1: a unique dominant mode always
+gives angle (or input) convergence. Ties are needed to escape, but a tie prevents collapse only when it
+spans at least two directions in both token and feature space: a complex pair of lambda^H on the DC
+mode still gives input convergence.
+
+Numerical tolerances: ties in |mu| use relative ``tol``; subspace dimensions and the "v parallel to 1"
+test use ``sqrt(tol)`` (an eigenvalue error eps moves eigenvectors by about eps / gap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+REGIMES: tuple[str, ...] = ("input_convergence", "angle_convergence", "rank_collapse", "no_collapse")
+
+
+def _as_matrix(x: Any, name: str, square: bool = False) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2 or (square and arr.shape[0] != arr.shape[1]):
+        raise ValueError(f"{name} must be a {'square ' if square else ''}matrix, got {arr.shape}")
+    return arr
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSpectrum:
+    """All n*d eigenvalues mu_k = 1 + lambda^A lambda^H of X -> X + A X H, sorted by |mu| descending.
+
+    Per pair k (length P = n*d arrays): ``mu``, ``lam_a`` = lambda^A_{idx_a[k]}, ``lam_h`` =
+    lambda^H_{idx_h[k]}; eigen-matrix E_k = v_{idx_a[k]} u_{idx_h[k]}^T (complex n x d). Ties in
+    |mu| are ordered by real part, then imaginary part, descending.
+
+    Factor data: ``eigvals_a`` [n], ``eigvecs_a`` [n, n] (unit columns v_j, A v_j = lambda v_j),
+    ``duals_a`` [n, n] (columns w_j, W^T V = I); ``eigvals_h`` [d], ``left_eigvecs_h`` [d, d] (unit
+    columns u_i, u_i^T H = lambda u_i^T), ``right_eigvecs_h`` [d, d] (columns r_i, H r_i = lambda r_i,
+    U^T R = I).
+    """
+
+    mu: np.ndarray
+    lam_a: np.ndarray
+    lam_h: np.ndarray
+    idx_a: np.ndarray
+    idx_h: np.ndarray
+    eigvals_a: np.ndarray
+    eigvecs_a: np.ndarray
+    duals_a: np.ndarray
+    eigvals_h: np.ndarray
+    left_eigvecs_h: np.ndarray
+    right_eigvecs_h: np.ndarray
+
+    def eigen_matrix(self, k: int) -> np.ndarray:
+        """E_k = v_{idx_a[k]} u_{idx_h[k]}^T, with T(E_k) = mu_k E_k (complex n x d)."""
+        return np.outer(self.eigvecs_a[:, self.idx_a[k]], self.left_eigvecs_h[:, self.idx_h[k]])
+
+    def coefficients(self, x0_NxD: Any) -> np.ndarray:
+        """c_k = w_{idx_a[k]}^T X_0 r_{idx_h[k]}, so X_0 = sum_k c_k E_k (diagonalisable A, H)."""
+        x0 = _as_matrix(x0_NxD, "x0")
+        c_NxD = self.duals_a.T @ x0 @ self.right_eigvecs_h
+        return c_NxD[self.idx_a, self.idx_h]
+
+    def evolve(self, x0_NxD: Any, n_layers: int, pairs: npt.ArrayLike | None = None) -> np.ndarray:
+        """Re sum_{k in pairs} c_k (mu_k / |mu_max|)^L E_k: T^L(X_0) / |mu_max|^L restricted to ``pairs``.
+
+        With all pairs (default) this is the exact closed form of L layers, up to the positive factor
+        |mu_max|^L (divided out so large L neither overflows nor underflows). ``pairs`` should be
+        closed under conjugation (the dominant set is) for the real part to be the exact result.
+        """
+        c_P = self.coefficients(x0_NxD)
+        sel = np.arange(self.mu.size) if pairs is None else np.asarray(pairs, dtype=int)
+        top = abs(self.mu[0]) if abs(self.mu[0]) > 0 else 1.0
+        coef = c_P[sel] * (self.mu[sel] / top) ** n_layers
+        v_NxK = self.eigvecs_a[:, self.idx_a[sel]]
+        u_DxK = self.left_eigvecs_h[:, self.idx_h[sel]]
+        return np.real((v_NxK * coef[None, :]) @ u_DxK.T)
+
+
+def update_spectrum(a_NxN: Any, h_DxD: Any) -> UpdateSpectrum:
+    """Eigen-pairs of X -> X + A X H: mu_ij = 1 + lambda^A_j lambda^H_i, eigen-matrix v_j u_i^T."""
+    a = _as_matrix(a_NxN, "A", square=True)
+    h = _as_matrix(h_DxD, "H", square=True)
+    lam_a, v = np.linalg.eig(a)
+    # Left eigenvectors of H are right eigenvectors of H^T: H^T u = lambda u  <=>  u^T H = lambda u^T.
+    lam_h, u = np.linalg.eig(h.T)
+    lam_a, v = lam_a.astype(np.complex128), v.astype(np.complex128)
+    lam_h, u = lam_h.astype(np.complex128), u.astype(np.complex128)
+    # Dual bases by inversion (not by pairing left/right eigenvectors), which stays biorthogonal
+    # inside repeated eigenspaces; pinv keeps defective (non-diagonalisable) inputs finite.
+    duals_a = np.linalg.pinv(v).T
+    right_h = np.linalg.pinv(u).T
+    mu_NxD = 1.0 + lam_a[:, None] * lam_h[None, :]
+    ia, ih = np.meshgrid(np.arange(lam_a.size), np.arange(lam_h.size), indexing="ij")
+    mu = mu_NxD.ravel()
+    # np.lexsort: the last key is the primary one.
+    order = np.lexsort((-mu.imag, -mu.real, -np.abs(mu)))
+    ia, ih = ia.ravel()[order], ih.ravel()[order]
+    return UpdateSpectrum(
+        mu=mu[order],
+        lam_a=lam_a[ia],
+        lam_h=lam_h[ih],
+        idx_a=ia,
+        idx_h=ih,
+        eigvals_a=lam_a,
+        eigvecs_a=v,
+        duals_a=duals_a,
+        eigvals_h=lam_h,
+        left_eigvecs_h=u,
+        right_eigvecs_h=right_h,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What many layers of X -> X + A X H do to a generic X_0 (see the module docstring).
+
+    ``regime``: one of ``REGIMES``. ``dominant``: indices into ``spectrum`` of the dominant pairs (all
+    pairs with |mu| within relative tol of the max), with their ``dominant_mu``,
+    ``dominant_lambda_a``, ``dominant_lambda_h`` (complex arrays, one entry per pair). ``mu_max`` =
+    |mu_1|; ``rate`` = |mu_2| / |mu_1|, the next distinct modulus over the dominant one (0 if every
+    pair is dominant): the relative sub-dominant part shrinks by this factor per layer. ``rank_a`` /
+    ``rank_h``: dimensions of the token / feature spans of the dominant modes (the limit has rank <=
+    min of the two). ``dc_dominant``: the dominant token span is span{1}.
+    """
+
+    regime: str
+    rate: float
+    mu_max: float
+    dominant: np.ndarray
+    dominant_mu: np.ndarray
+    dominant_lambda_a: np.ndarray
+    dominant_lambda_h: np.ndarray
+    rank_a: int
+    rank_h: int
+    dc_dominant: bool
+    spectrum: UpdateSpectrum
+
+    def dominant_part(self, x0_NxD: Any, n_layers: int) -> np.ndarray:
+        """P_L = Re sum_{k dominant} c_k (mu_k / |mu_1|)^L E_k, the predicted T^L(X_0) / |mu_1|^L."""
+        return self.spectrum.evolve(x0_NxD, n_layers, self.dominant)
+
+
+def _span_dim(vecs_NxK: np.ndarray, rtol: float) -> int:
+    s = np.linalg.svd(vecs_NxK, compute_uv=False)
+    return int(np.sum(s > rtol * s[0])) if s.size and s[0] > 0 else 0
+
+
+def predict(a_NxN: Any, h_DxD: Any, tol: float = 1e-6) -> Prediction:
+    """Classify the long-depth behaviour of X -> X + A X H (regime definitions: module docstring)."""
+    spec = update_spectrum(a_NxN, h_DxD)
+    mod = np.abs(spec.mu)
+    m = float(mod[0])
+    in_d = mod >= (1.0 - tol) * m
+    dominant = np.flatnonzero(in_d)
+    rest = mod[~in_d]
+    rate = float(rest.max() / m) if rest.size and m > 0 else 0.0
+
+    vtol = math.sqrt(tol)
+    v_dom = spec.eigvecs_a[:, np.unique(spec.idx_a[dominant])]
+    u_dom = spec.left_eigvecs_h[:, np.unique(spec.idx_h[dominant])]
+    rank_a = _span_dim(v_dom, vtol)
+    rank_h = _span_dim(u_dom, vtol)
+
+    dc_dominant = False
+    if rank_a == 1:
+        # The span is one line; test whether it is the DC line span{1} (phase-invariant residual).
+        v = v_dom[:, 0]
+        dc_dominant = bool(np.linalg.norm(v - v.mean()) <= vtol * np.linalg.norm(v))
+        regime = "input_convergence" if dc_dominant else "angle_convergence"
+    elif rank_h == 1:
+        # One feature direction u; the token coefficients are fixed iff every dominant mu is the same.
+        spread = float(np.max(np.abs(spec.mu[dominant] - spec.mu[dominant[0]])))
+        regime = "angle_convergence" if spread <= tol * max(m, 1e-300) else "rank_collapse"
+    else:
+        regime = "no_collapse"
+
+    return Prediction(
+        regime=regime,
+        rate=rate,
+        mu_max=m,
+        dominant=dominant,
+        dominant_mu=spec.mu[dominant],
+        dominant_lambda_a=spec.lam_a[dominant],
+        dominant_lambda_h=spec.lam_h[dominant],
+        rank_a=rank_a,
+        rank_h=rank_h,
+        dc_dominant=dc_dominant,
+        spectrum=spec,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulation with float64 numpy metrics (same definitions as jaxsmooth.metrics, batched over layers).
+
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    """Per-layer metrics of a simulated stack, each [n_layers + 1] (index 0 = the input X_0)."""
+
+    token_cosine: np.ndarray
+    abs_cosine: np.ndarray
+    hfc_lfc: np.ndarray
+    sv_ratio: np.ndarray
+    x_final: np.ndarray
+
+
+def _np_metrics(x_LxNxD: np.ndarray) -> dict[str, np.ndarray]:
+    """token_cosine, abs_cosine, hfc_lfc, sv_ratio for a stack of n x d matrices (float64)."""
+    n = x_LxNxD.shape[1]
+    tiny = np.finfo(np.float64).tiny
+    norm_LxN = np.linalg.norm(x_LxNxD, axis=-1)
+    u_LxNxD = x_LxNxD / np.where(norm_LxN > tiny, norm_LxN, np.inf)[..., None]
+    gram_LxNxN = u_LxNxD @ np.swapaxes(u_LxNxD, -1, -2)
+    offdiag_NxN = 1.0 - np.eye(n)
+    pairs = max(n * (n - 1), 1)
+    cos_L = np.sum(gram_LxNxN * offdiag_NxN, axis=(-1, -2)) / pairs
+    abs_L = np.sum(np.abs(gram_LxNxN) * offdiag_NxN, axis=(-1, -2)) / pairs
+    mean_LxD = x_LxNxD.mean(axis=1)
+    hc2_L = np.sum((x_LxNxD - mean_LxD[:, None, :]) ** 2, axis=(-1, -2))
+    dc2_L = n * np.sum(mean_LxD**2, axis=-1)
+    # Same relative guard as jaxsmooth.metrics: 1e6 cap when the mean is exactly 0, 0 for X = 0.
+    hfc_L = np.sqrt(hc2_L / (dc2_L + 1e-12 * (hc2_L + dc2_L) + tiny))
+    s_LxK = np.linalg.svd(x_LxNxD, compute_uv=False)
+    if s_LxK.shape[-1] >= 2:
+        sv_L = s_LxK[:, 1] / np.maximum(s_LxK[:, 0], tiny)
+    else:
+        sv_L = np.zeros(x_LxNxD.shape[0])
+    return {"token_cosine": cos_L, "abs_cosine": abs_L, "hfc_lfc": hfc_L, "sv_ratio": sv_L}
+
+
+def _layernorm(y_NxD: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Parameter-free LayerNorm over features (per token): (y - mean) / sqrt(var + eps)."""
+    centred = y_NxD - y_NxD.mean(axis=-1, keepdims=True)
+    return centred / np.sqrt(np.mean(centred**2, axis=-1, keepdims=True) + eps)
+
+
+def simulate(x0_NxD: Any, a_NxN: Any, h_DxD: Any, n_layers: int, layernorm: bool = False) -> Simulation:
+    """Iterate X <- X + A X H for ``n_layers`` layers and measure every layer.
+
+    Without LayerNorm each step is divided by its Frobenius norm: all reported metrics are scale
+    free, and this keeps |mu|^L from overflowing or underflowing. With ``layernorm=True`` the step is
+    X <- LN(X + A X H) with a parameter-free LayerNorm over features (which already fixes the scale).
+    """
+    x = _as_matrix(x0_NxD, "x0")
+    a = _as_matrix(a_NxN, "A", square=True)
+    h = _as_matrix(h_DxD, "H", square=True)
+    xs_LxNxD = np.empty((n_layers + 1,) + x.shape)
+    xs_LxNxD[0] = x
+    for layer in range(1, n_layers + 1):
+        y = x + a @ x @ h
+        if layernorm:
+            x = _layernorm(y)
+        else:
+            norm = np.linalg.norm(y)
+            x = y / norm if norm > 0 else y
+        xs_LxNxD[layer] = x
+    stats = _np_metrics(xs_LxNxD)
+    return Simulation(x_final=x, **stats)
