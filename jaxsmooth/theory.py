@@ -57,6 +57,7 @@ test use ``sqrt(tol)`` (an eigenvalue error eps moves eigenvectors by about eps 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -94,10 +95,19 @@ class UpdateSpectrum:
     idx_h: np.ndarray
     eigvals_a: np.ndarray
     eigvecs_a: np.ndarray
-    duals_a: np.ndarray
     eigvals_h: np.ndarray
     left_eigvecs_h: np.ndarray
-    right_eigvecs_h: np.ndarray
+
+    # Dual bases by inversion (not by pairing left/right eigenvectors), which stays biorthogonal inside
+    # repeated eigenspaces; pinv keeps defective (non-diagonalisable) inputs finite. Computed on first
+    # use: predict() never needs them, and two D x D SVDs dominate the cost at BERT width.
+    @functools.cached_property
+    def duals_a(self) -> np.ndarray:
+        return np.linalg.pinv(self.eigvecs_a).T
+
+    @functools.cached_property
+    def right_eigvecs_h(self) -> np.ndarray:
+        return np.linalg.pinv(self.left_eigvecs_h).T
 
     def eigen_matrix(self, k: int) -> np.ndarray:
         """E_k = v_{idx_a[k]} u_{idx_h[k]}^T, with T(E_k) = mu_k E_k (complex n x d)."""
@@ -134,10 +144,6 @@ def update_spectrum(a_NxN: Any, h_DxD: Any) -> UpdateSpectrum:
     lam_h, u = np.linalg.eig(h.T)
     lam_a, v = lam_a.astype(np.complex128), v.astype(np.complex128)
     lam_h, u = lam_h.astype(np.complex128), u.astype(np.complex128)
-    # Dual bases by inversion (not by pairing left/right eigenvectors), which stays biorthogonal
-    # inside repeated eigenspaces; pinv keeps defective (non-diagonalisable) inputs finite.
-    duals_a = np.linalg.pinv(v).T
-    right_h = np.linalg.pinv(u).T
     mu_NxD = 1.0 + lam_a[:, None] * lam_h[None, :]
     ia, ih = np.meshgrid(np.arange(lam_a.size), np.arange(lam_h.size), indexing="ij")
     mu = mu_NxD.ravel()
@@ -152,10 +158,8 @@ def update_spectrum(a_NxN: Any, h_DxD: Any) -> UpdateSpectrum:
         idx_h=ih,
         eigvals_a=lam_a,
         eigvecs_a=v,
-        duals_a=duals_a,
         eigvals_h=lam_h,
         left_eigvecs_h=u,
-        right_eigvecs_h=right_h,
     )
 
 
