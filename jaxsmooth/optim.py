@@ -1,0 +1,118 @@
+"""The optimiser: one function of `config.opt` (STYLE.md point 11).
+
+    tx = chain(clip_by_global_norm(clip_norm),
+               adamw(schedule, b1, b2, eps, weight_decay, mask=<precomputed bool tree>))
+
+Weight decay is decoupled (AdamW: p <- p - lr * (adam_update + wd * p)) and applies to *matrices* only:
+the plain `nnx.Param` weights whose per-layer shape is 2-D (W_Q, W_K, the baseline's W_V / W_O, both MLP
+matrices, the patch / token embedding and the head). It never applies to
+  - EigVals (psi): decay would pull every eigenvalue towards the middle of its interval (or to 0 with
+    clip), i.e. it would silently choose a spectrum;
+  - EigBasis (theta): V = Q of QR(theta) is invariant to the scale of theta, so decay only shrinks theta
+    towards the ill-conditioned origin without regularising anything;
+  - LNGain, BranchScale, biases: vectors whose scale is meaningful (LN gain signs set smoothing,
+    PAPER.md section 1), as is standard;
+  - positional embeddings and the [CLS] token ([1, T, D] / [1, 1, D]): they are not matrices that map
+    features, and decaying them only erases position information early in training.
+The mask is a precomputed *tree* of bools, not a function: a mask function inside
+`optax.inject_hyperparams` is silently treated as a hyperparameter and disables decay (STYLE.md point 11).
+
+Params here are the pure-dict form (`nnx.to_pure_dict`) of `nnx.split(model, nnx.Param, ...)[1]`
+(nested dicts of arrays), the form the trainer keeps and checkpoints; the mask is built from the typed
+`nnx.State` and has that form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxsmooth.nnx.variables import BranchScale, EigBasis, EigVals, LNGain
+
+SCHEDULES = ("cosine", "linear", "constant")
+# Variable types never decayed, whatever their shape (see the module docstring for why).
+NO_DECAY_TYPES = (EigVals, EigBasis, LNGain, BranchScale)
+# Name of the module attribute holding a layer stack built by nnx.vmap: its variables carry a leading
+# [L] axis, so their per-layer rank is ndim - 1 (jaxsmooth.nnx.transformer.Transformer.blocks).
+STACK_KEY = "blocks"
+
+
+def make_schedule(opt: Mapping[str, Any]) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """Learning rate as a function of the optimiser step: linear warmup from 0, then the decay.
+
+    opt.schedule: "cosine" (to end_lr_fraction * lr at decay_steps), "linear" (same end point),
+    "constant" (lr after warmup). decay_steps counts from step 0, warmup included (optax convention).
+    """
+    _check_opt(opt)
+    lr, warmup, total = float(opt["lr"]), int(opt["warmup_steps"]), int(opt["decay_steps"])
+    end = lr * float(opt["end_lr_fraction"])
+    if opt["schedule"] == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), end_value=end)
+    warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
+    rest = (
+        optax.linear_schedule(lr, end, max(total - warmup, 1))
+        if opt["schedule"] == "linear"
+        else optax.constant_schedule(lr)
+    )
+    return optax.join_schedules([warm, rest], [warmup])
+
+
+def decays(path: tuple, variable: nnx.Variable) -> bool:
+    """Whether weight decay applies to one variable (see the module docstring)."""
+    if isinstance(variable, NO_DECAY_TYPES) or not isinstance(variable, nnx.Param):
+        return False
+    # get_value(), not v[...]: the mask is also built from abstract (ShapeDtypeStruct) params.
+    per_layer_ndim = variable.get_value().ndim - (STACK_KEY in path)
+    return per_layer_ndim == 2
+
+
+def weight_decay_mask(params: nnx.State) -> dict:
+    """Bool tree (pure dict, same structure as nnx.to_pure_dict(params)): True where weight decay applies."""
+    flat = [(path, decays(path, v)) for path, v in nnx.to_flat_state(params)]
+    return nnx.to_pure_dict(nnx.from_flat_state(flat))
+
+
+def make_optimizer(opt: Mapping[str, Any], params: nnx.State) -> optax.GradientTransformation:
+    """chain(clip_by_global_norm, adamw(schedule, mask=weight_decay_mask(params))) from config.opt.
+
+    `params` (the typed nnx.State of the model's nnx.Param variables) only decides the mask; the returned
+    transformation acts on `nnx.to_pure_dict(params)`-shaped trees.
+    """
+    _check_opt(opt)
+    return optax.chain(
+        optax.clip_by_global_norm(float(opt["clip_norm"])),
+        optax.adamw(
+            make_schedule(opt),
+            b1=float(opt["b1"]),
+            b2=float(opt["b2"]),
+            eps=float(opt["eps"]),
+            weight_decay=float(opt["weight_decay"]),
+            mask=weight_decay_mask(params),
+        ),
+    )
+
+
+def _check_opt(opt: Mapping[str, Any]) -> None:
+    """Fail with the field name on values that would train silently wrong."""
+    if opt["schedule"] not in SCHEDULES:
+        raise ValueError(
+            f"opt.schedule={opt['schedule']!r} is not allowed; choose one of {', '.join(SCHEDULES)}"
+        )
+    checks = [
+        ("lr", opt["lr"] > 0, "must be > 0"),
+        ("warmup_steps", opt["warmup_steps"] >= 0, "must be >= 0"),
+        ("decay_steps", opt["decay_steps"] >= 1, "must be >= 1"),
+        ("end_lr_fraction", 0 <= opt["end_lr_fraction"] <= 1, "must be in [0, 1]"),
+        ("weight_decay", opt["weight_decay"] >= 0, "must be >= 0"),
+        ("clip_norm", opt["clip_norm"] > 0, "must be > 0"),
+        ("b1", 0 <= opt["b1"] < 1, "must be in [0, 1)"),
+        ("b2", 0 <= opt["b2"] < 1, "must be in [0, 1)"),
+        ("eps", opt["eps"] > 0, "must be > 0"),
+    ]
+    for name, ok, why in checks:
+        if not ok:
+            raise ValueError(f"opt.{name}={opt[name]!r} {why}")
