@@ -74,7 +74,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import logging
 import math
 import pathlib
 import sys
@@ -530,63 +529,14 @@ def _read_text_lines(data: str) -> list[str]:
 # ------------------------------------------------------------------------------------------- runs
 
 
-def _steps(ckpt_dir: pathlib.Path) -> list[int]:
-    return sorted(int(q.name) for q in ckpt_dir.iterdir() if q.is_dir() and q.name.isdigit())
-
-
 def restore_params(run_dir: pathlib.Path, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
-    """(step, params) of a run, read-only: only the "params" subtree of the trainer's state is restored.
-
-    Checks the step's checksums (`jaxsmooth.checkpoint.verify`) first; a corrupt step raises AuditError
-    (nothing is moved: an audit never changes the run directory).
-    """
-    import orbax.checkpoint as ocp
-
+    """(step, params) of a run, read-only (`jaxsmooth.checkpoint.restore_params`); errors as AuditError."""
     from jaxsmooth import checkpoint
 
-    ckpt_dir = run_dir / "checkpoints"
-    steps = _steps(ckpt_dir) if ckpt_dir.is_dir() else []
-    if not steps:
-        raise AuditError(f"{run_dir} has no checkpoints (expected {ckpt_dir}/<step>/)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise AuditError(f"{run_dir} has no checkpoint for step {step}; it has steps {steps}")
-    step_dir = ckpt_dir / str(step)
-    others = [s for s in steps if s != step]
-    hint = f"; other steps: {others} (pass --step)" if others else ""
-    problem = checkpoint.verify(step_dir)
-    if problem is not None:
-        raise AuditError(f"checkpoint {step_dir} is corrupt: {problem}{hint}")
-    item = step_dir / checkpoint.ITEM
-    if not item.is_dir():
-        raise AuditError(f"checkpoint {step_dir} is corrupt: it has no {checkpoint.ITEM}/ directory{hint}")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {
-        "params": jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params
-        )
-    }
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # Orbax warns about metadata it does not need here
     try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            item,
-            args=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True,
-            ),
-        )
-    except Exception as e:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
-        raise AuditError(
-            f"checkpoint {step_dir} is corrupt or does not match the run's config.json: "
-            f"{type(e).__name__}: {str(e)[:400]}{hint}"
-        ) from e
-    finally:
-        absl_logger.setLevel(level)
-    return step, restored["params"]
+        return checkpoint.restore_params(run_dir, abstract_params, step)
+    except checkpoint.CheckpointError as e:
+        raise AuditError(f"{e} (pass --step to audit another step)") from e
 
 
 def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedModel:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import time
@@ -150,3 +151,63 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def step_dirs(workdir: str | Path) -> list[int]:
+    """The checkpoint steps present in a workdir (without verifying them)."""
+    ckpt_dir = Path(workdir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(q.name) for q in ckpt_dir.iterdir() if q.is_dir() and q.name.isdigit())
+
+
+def restore_params(workdir: str | Path, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
+    """(step, params) of a run, read-only: only the "params" subtree of the trainer's state is restored
+    (newest step by default), on the first local device.
+
+    The step's checksums are verified first; a corrupt or unreadable step raises CheckpointError naming
+    the other steps. Nothing is moved: readers (audit, evaluation) never change the run directory.
+    """
+    steps = step_dirs(workdir)
+    if not steps:
+        raise CheckpointError(
+            f"{workdir} has no checkpoints (expected {Path(workdir) / 'checkpoints'}/<step>/)"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{workdir} has no checkpoint for step {step}; it has steps {steps}")
+    step_dir = Path(workdir) / "checkpoints" / str(step)
+    others = [s for s in steps if s != step]
+    hint = f"; other steps: {others}" if others else ""
+    problem = verify(step_dir)
+    if problem is None and not (step_dir / ITEM).is_dir():
+        problem = f"it has no {ITEM}/ directory"
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt: {problem}{hint}")
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {
+        "params": jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params
+        )
+    }
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns about metadata it does not need here
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            step_dir / ITEM,
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+    except Exception as e:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+        raise CheckpointError(
+            f"checkpoint {step_dir} is corrupt or does not match the run's config.json: "
+            f"{type(e).__name__}: {str(e)[:400]}{hint}"
+        ) from e
+    finally:
+        absl_logger.setLevel(level)
+    return step, restored["params"]

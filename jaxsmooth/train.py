@@ -45,8 +45,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxsmooth import checkpoint, optim, parallel
 from jaxsmooth import data as data_lib
-from jaxsmooth import optim, parallel
 from jaxsmooth.checkpoint import Checkpoints
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx import CausalLM, ViT
@@ -126,6 +126,37 @@ def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def is_text(config: ml_collections.ConfigDict) -> bool:
     return config.data.name in ("shakespeare_char", "char_file")
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained model rebuilt from a run directory (see `load_run`)."""
+
+    config: ml_collections.ConfigDict
+    model_config: ModelConfig
+    dataset: data_lib.Dataset  # the full dataset (test split as trained against; no train_fraction subset)
+    model: nnx.Module
+    step: int
+
+
+def load_run(workdir: str | Path, step: int | None = None) -> LoadedRun:
+    """Rebuild a run's model from DIR/config.json and restore its parameters (newest step by default).
+
+    Read-only: a corrupt step raises `checkpoint.CheckpointError` naming the other steps; nothing is
+    moved. For evaluation, audits and experiments on trained models.
+    """
+    workdir = Path(workdir)
+    cfg_path = workdir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{workdir} has no config.json: not a jaxsmooth run directory")
+    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    mcfg = ModelConfig.from_dict(config.model.to_dict())
+    ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
+    abstract = nnx.eval_shape(lambda: build_model(mcfg, ds, config, nnx.Rngs(params=0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    step, pure = checkpoint.restore_params(workdir, nnx.to_pure_dict(params), step)
+    nnx.replace_by_pure_dict(params, pure)
+    return LoadedRun(config, mcfg, ds, nnx.merge(graphdef, params, rest), step)
 
 
 # ---------------------------------------------------------------------------------------- model / task

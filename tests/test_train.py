@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxsmooth import cli, train
 from jaxsmooth import data as data_lib
-from jaxsmooth.checkpoint import Checkpoints, verify
+from jaxsmooth.checkpoint import CheckpointError, Checkpoints, verify
 
 N = 6  # steps of the reference run; checkpoints every 2
 CACHE_DIR = Path(tempfile.gettempdir()) / f"jaxsmooth-test-xla-cache-{os.getuid()}"
@@ -231,3 +232,17 @@ def test_cli_sigterm_then_resume(tmp_path):
     for f in ("metrics.jsonl", "summary.json", "curves.png"):
         assert (workdir / f).is_file(), f
     assert [r["step"] for r in train_records(workdir)] == list(range(1, stopped + 3))
+
+
+def test_load_run_reproduces_the_final_evaluation(reference):
+    # The rebuilt model (config.json + read-only restore of the newest checkpoint) scores exactly what the
+    # trainer's own evaluation reported at the end of the run.
+    workdir, summary, _ = reference
+    loaded = train.load_run(workdir)
+    assert loaded.step == N and loaded.model_config == train.check_config(tiny())
+    ds = loaded.dataset
+    logits = loaded.model(jnp.asarray(ds.x_test))
+    acc = float(np.mean(np.argmax(np.asarray(logits), -1) == ds.y_test))
+    assert acc == pytest.approx(summary["test_accuracy"], abs=1e-9)
+    with pytest.raises(CheckpointError, match="no checkpoint for step 5"):
+        train.load_run(workdir, step=5)
