@@ -38,18 +38,19 @@ def _assert_trees_close(a, b, rtol, atol):
 
 
 @pytest.mark.parametrize(
-    "spectrum, residual",
-    [(None, "pre_ln"), (SHARPEN, "deepnorm"), (GENERAL, "post_ln")],
-    ids=["baseline-pre_ln", "sharpen-deepnorm", "general-post_ln"],
+    "spectrum, residual, dropout",
+    [(None, "pre_ln", 0.1), (SHARPEN, "deepnorm", 0.0), (GENERAL, "post_ln", 0.0)],
+    ids=["baseline-pre_ln-dropout", "sharpen-deepnorm", "general-post_ln"],
 )
-def test_scanned_equals_unrolled_and_remat_equals_none(spectrum, residual):
+def test_scanned_equals_unrolled_and_remat_equals_none(spectrum, residual, dropout):
+    # depth 3 with the default nested group round(sqrt(3)) = 2 also runs the remainder path (1 group + 1).
+    # With dropout, the per-layer keys must ride the scan identically in every mode.
     x = jax.random.normal(jax.random.key(1), (2, 7, 16))
-    key = jax.random.key(7)  # with dropout: the per-layer keys ride the scan identically in every mode
-    ref_loss, ref_grad = _loss_and_grad(_cfg(spectrum=spectrum, residual=residual, dropout=0.1), x, key)
-    # depth 5 with the default nested group round(sqrt(5)) = 2 also runs the remainder path (2 groups + 1)
-    variants = [dict(scan=False), dict(remat="full"), dict(remat="nested")]
-    for v in variants:
-        loss, grad = _loss_and_grad(_cfg(spectrum=spectrum, residual=residual, dropout=0.1, **v), x, key)
+    key = jax.random.key(7) if dropout else None
+    cfg = lambda **v: _cfg(depth=3, spectrum=spectrum, residual=residual, dropout=dropout, **v)
+    ref_loss, ref_grad = _loss_and_grad(cfg(), x, key)
+    for v in (dict(scan=False), dict(remat="full"), dict(remat="nested")):
+        loss, grad = _loss_and_grad(cfg(**v), x, key)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(v))
         _assert_trees_close(grad, ref_grad, rtol=2e-3, atol=2e-6)
 
@@ -75,7 +76,13 @@ def test_compile_size_independent_of_depth(remat):
 
 def test_1000_layer_deepnorm_spectral_stack_takes_a_gradient():
     cfg = ModelConfig(
-        depth=1000, d_model=32, num_heads=2, mlp_ratio=2.0, spectrum=SHARPEN, residual="deepnorm", remat="nested"
+        depth=1000,
+        d_model=32,
+        num_heads=2,
+        mlp_ratio=2.0,
+        spectrum=SHARPEN,
+        residual="deepnorm",
+        remat="nested",
     )
     t0 = time.perf_counter()
     model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
@@ -113,7 +120,7 @@ def test_per_layer_stats_come_out_of_the_scan():
     graphdef, state = nnx.split(model.blocks)
     h = x
     for layer in range(4):
-        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], state))
         h, _ = block(h)
         np.testing.assert_allclose(aux["token_cosine"][layer], jnp.mean(metrics.token_cosine(h)), rtol=1e-4)
     np.testing.assert_allclose(aux["input"]["token_cosine"], jnp.mean(metrics.token_cosine(x)), rtol=1e-5)
@@ -141,7 +148,9 @@ def test_vit_and_causal_lm():
     vit = ViT(cfg, 10, (8, 8, 1), 4, rngs=nnx.Rngs(0))
     logits, aux = vit(jnp.ones((3, 8, 8, 1)), return_stats=True)
     assert logits.shape == (3, 10) and aux["token_cosine"].shape == (2,)
-    lm = CausalLM(dataclasses.replace(cfg, deepnorm_arch="decoder", residual="deepnorm"), 11, 9, rngs=nnx.Rngs(0))
+    lm = CausalLM(
+        dataclasses.replace(cfg, deepnorm_arch="decoder", residual="deepnorm"), 11, 9, rngs=nnx.Rngs(0)
+    )
     ids = jnp.arange(9)[None, :] % 11
     assert lm(ids).shape == (1, 9, 11)
 
