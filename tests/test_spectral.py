@@ -7,8 +7,8 @@ eigenvalues, so a bug in the library's own eigenvalue bookkeeping cannot hide it
 import itertools
 
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 

@@ -92,8 +92,10 @@ class _AttentionBase(nnx.Module):
         w_o_HxKxD = w_o.reshape(self.num_heads, k, self.d_model)
         return jnp.einsum("DHK,HKE->HDE", w_v_DxHxK, w_o_HxKxD)
 
-    def __call__(self, x_BxTxD, *, mask_BxT=None, dropout_key=None, return_weights=False):
-        w_v, w_o, b_v, b_o = self.value_output()
+    def __call__(self, x_BxTxD, *, mask_BxT=None, dropout_key=None, return_weights=False, value_output=None):
+        """value_output: (w_v, w_o, b_v, b_o) already computed by `self.value_output()`. The block stack
+        passes it to compose the spectral W_V, W_O of all layers in one batched call before its scan."""
+        w_v, w_o, b_v, b_o = self.value_output() if value_output is None else value_output
         y, att = attn_fn.multihead_attention(
             x_BxTxD,
             self.w_q[...],

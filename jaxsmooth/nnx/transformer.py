@@ -10,7 +10,16 @@ slice and applies it, and jax.lax.scan runs the body over the leading [L] axis. 
 the new activations (and per-layer statistics), never parameters, so XLA does not copy the stack.
 Per-layer inputs (dropout keys) ride the scan as xs; depth constants (alpha) are closed over.
 
-remat: "none"   the scan saves every layer's internals for the backward pass: O(L) memory.
+Spectral layers: with remat="none", W_V = V diag(lambda), W_O = V^-1 of every layer are composed before
+the scan, in one batched call over the [L] axis, and ride the scan as xs: composing inside the body runs
+L separate QR / triangular-solve LAPACK calls per step (forward and backward), each a small serial call
+between the layer's matmuls (and LAPACK brings its own BLAS thread pool, `spectral.limit_lapack_threads`).
+The memory-saving modes ("full", "nested") keep their promise instead and compose each layer inside its
+own checkpointed body, as a plain layer would (see `_run_stack`).
+
+remat: "none"   the scan saves each layer's matmul outputs (jax.checkpoint_policies.dots_saveable) and
+                recomputes the elementwise work (LayerNorm, softmax, GELU) in the backward pass: O(L)
+                memory, no matmul recomputed, ~2.4x less saved than keeping everything (ViT-Tiny).
        "full"   each layer is checkpointed: only the [B, T, D] carry of each layer is saved.
        "nested" groups of G layers (G = remat_group or round(sqrt(L))) are checkpointed and, inside a
                 group, each layer again: about (L / G + G) carries, i.e. O(sqrt(L)) memory, for the price
@@ -55,16 +64,22 @@ class Block(nnx.Module):
         self.ln2 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
         self.mlp = MLP(c.d_model, c.mlp_dim, beta=beta, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BxTxD, *, mask_BxT=None, dropout_key=None, stats=False, attention=False):
+    def __call__(
+        self, x_BxTxD, *, mask_BxT=None, dropout_key=None, stats=False, attention=False, value_output=None
+    ):
+        """value_output: this layer's precomputed (w_v, w_o, b_v, b_o), see `_AttentionBase.__call__`."""
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         drop = lambda y, k: _dropout(y, self.dropout, k)
+        attend = lambda x: self.attn(
+            x, mask_BxT=mask_BxT, dropout_key=keys[0], return_weights=True, value_output=value_output
+        )
         if self.residual == "pre_ln":
-            a, att = self.attn(self.ln1(x_BxTxD), mask_BxT=mask_BxT, dropout_key=keys[0], return_weights=True)
+            a, att = attend(self.ln1(x_BxTxD))
             x = x_BxTxD + drop(a, keys[1]).astype(x_BxTxD.dtype)
             x = x + drop(self.mlp(self.ln2(x)), keys[2]).astype(x.dtype)
         else:
             skip = 1.0 if self.residual == "post_ln" else self.alpha
-            a, att = self.attn(x_BxTxD, mask_BxT=mask_BxT, dropout_key=keys[0], return_weights=True)
+            a, att = attend(x_BxTxD)
             x = self.ln1(skip * x_BxTxD + drop(a, keys[1]).astype(x_BxTxD.dtype))
             x = self.ln2(skip * x + drop(self.mlp(x), keys[2]).astype(x.dtype))
         aux: dict[str, Any] = {}
@@ -119,12 +134,16 @@ class Transformer(nnx.Module):
         want = dict(stats=return_stats, attention=return_attention)
 
         def body(x, xs):
-            layer_state, key = xs
-            y, aux = nnx.merge(graphdef, layer_state)(x, mask_BxT=mask_BxT, dropout_key=key, **want)
+            layer_state, vo, key = xs  # vo: precomputed (w_v, w_o, b_v, b_o), or None: compose here
+            block = nnx.merge(graphdef, layer_state)
+            y, aux = block(x, mask_BxT=mask_BxT, dropout_key=key, value_output=vo, **want)
             return y, aux
 
+        def compose(state_G):  # spectral W_V, W_O of a stack of G layers, one batched composition
+            return jax.vmap(lambda s: nnx.merge(graphdef, s).attn.value_output())(state_G)
+
         x = x_BxTxD.astype(jnp.dtype(c.dtype))
-        x, aux = _run_stack(body, x, (state, keys_L), c)
+        x, aux = _run_stack(body, x, state, keys_L, c, None if c.spectrum is None else compose)
         if self.final_ln is not None:
             x = self.final_ln(x)
         if not (return_stats or return_attention):
@@ -154,13 +173,28 @@ class Transformer(nnx.Module):
         return self._per_layer(lambda b: jnp.stack([b.ln1.effective_gain(), b.ln2.effective_gain()]))
 
 
-def _run_stack(body, x, xs, c: ModelConfig):
-    """Apply `body` over the leading [L] axis of xs, scanned (or unrolled) with the configured remat."""
-    layer = body if c.remat == "none" else jax.checkpoint(body, prevent_cse=not c.scan)
+def _run_stack(body, x, state, keys_L, c: ModelConfig, compose=None):
+    """Apply `body` over the leading [L] axis of (state, keys), scanned (or unrolled) with the configured
+    remat. body(x, (layer_state, vo, key)); `compose` maps a [G]-stack of layer states to their value /
+    output weights `vo` ([G] stacks), or is None (the baseline: the body reads W_V, W_O itself).
+
+    Where the spectral weights are composed follows the remat mode (see the module docstring): "none"
+    composes all L layers before the scan (kept for the backward pass: O(L D^2), next to O(L B T D) of
+    activations); "full" and "nested" compose each layer inside its own checkpointed body (O(D^2), redone
+    when the layer is recomputed). Composing a nested group's G layers as one batched call inside the
+    group checkpoint deadlocked XLA:CPU's runtime at depth 1000 (G = 32, jaxlib 0.10.2), so we do not.
+    """
+    if c.remat == "none":  # keep the matmul outputs, recompute elementwise work (see the docstring)
+        policy = jax.checkpoint_policies.dots_saveable
+        layer = jax.checkpoint(body, prevent_cse=not c.scan, policy=policy)
+        xs = (state, None if compose is None else compose(state), keys_L)
+    else:
+        layer = jax.checkpoint(body, prevent_cse=not c.scan)
+        xs = (state, None, keys_L)
     if not c.scan:  # Python loop: a test oracle; trace and compile time grow with depth.
         outs = []
         for i in range(c.depth):
-            x, aux = layer(x, jax.tree.map(lambda a: a[i], xs))
+            x, aux = layer(x, jax.tree.map(lambda a, i=i: a[i], xs))
             outs.append(aux)
         return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
     if c.remat != "nested":
