@@ -136,10 +136,13 @@ def multihead_attention(
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
     dtype: jnp.dtype | None = None,
+    fast_backward: bool = True,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Self-attention y = concat_h(A_h X W_V[:, h]) W_O (+ biases). Returns (y_BxTxD, att_BxHxTxT).
 
     Matmuls run in `dtype` (default: x's dtype); attention logits and softmax in float32.
+    fast_backward: the four projections use `dense` (a backward pass laid out for XLA:CPU; reverse mode
+    only); False uses plain matmuls, which forward-mode autodiff (jax.jvp, jax.jacfwd) can go through.
     """
     b, t, d = x_BxTxD.shape
     if d % num_heads:
@@ -152,9 +155,10 @@ def multihead_attention(
     dtype = dtype or x_BxTxD.dtype
     k_dim = d // num_heads
     x = x_BxTxD.astype(dtype)
+    matmul = dense if fast_backward else jnp.matmul
 
     def project(w_DxD, b_D):  # -> heads-major [B, H, T, K]
-        y_BxTxD = x @ w_DxD.astype(dtype)
+        y_BxTxD = matmul(x, w_DxD.astype(dtype))
         if b_D is not None:
             y_BxTxD = y_BxTxD + b_D.astype(dtype)[None, None, :]
         return y_BxTxD.reshape(b, t, num_heads, k_dim).transpose(0, 2, 1, 3)
@@ -174,7 +178,7 @@ def multihead_attention(
     att_used = dropout(att_BxHxTxS, dropout_rate, dropout_key).astype(dtype)
     z_BxHxTxK = jnp.einsum("BHTS,BHSK->BHTK", att_used, v_BxHxSxK)
     z_BxTxD = z_BxHxTxK.transpose(0, 2, 1, 3).reshape(b, t, d)
-    y_BxTxD = z_BxTxD @ w_o_DxD.astype(dtype)
+    y_BxTxD = matmul(z_BxTxD, w_o_DxD.astype(dtype))
     if b_o_D is not None:
         y_BxTxD = y_BxTxD + b_o_D.astype(dtype)[None, None, :]
     return y_BxTxD, att_BxHxTxS
@@ -188,12 +192,48 @@ def mlp(
     b2_D: jnp.ndarray,
     *,
     dtype: jnp.dtype | None = None,
+    fast_backward: bool = True,
 ) -> jnp.ndarray:
-    """The position-wise MLP: GELU (exact, erf) between two dense layers."""
+    """The position-wise MLP: GELU (exact, erf) between two dense layers (`fast_backward`: as in
+    `multihead_attention`)."""
     dtype = dtype or x_BxTxD.dtype
-    h_BxTxM = x_BxTxD.astype(dtype) @ w1_DxM.astype(dtype) + b1_M.astype(dtype)[None, None, :]
+    matmul = dense if fast_backward else jnp.matmul
+    h_BxTxM = matmul(x_BxTxD.astype(dtype), w1_DxM.astype(dtype)) + b1_M.astype(dtype)[None, None, :]
     h_BxTxM = gelu(h_BxTxM)
-    return h_BxTxM @ w2_MxD.astype(dtype) + b2_D.astype(dtype)[None, None, :]
+    return matmul(h_BxTxM, w2_MxD.astype(dtype)) + b2_D.astype(dtype)[None, None, :]
+
+
+@jax.custom_vjp
+def dense(x_NxI: jnp.ndarray, w_IxO: jnp.ndarray) -> jnp.ndarray:
+    """x @ w over the last axis of x, with a backward pass laid out for XLA:CPU (same values as autodiff).
+
+    Autodiff writes the weight gradient as x^T g, contracting the token axis, which is the major axis of
+    both operands; XLA:CPU then transposes one of them with a slow strided copy, and for the MLP it picks
+    the large [N, M] one (~10 ms per ViT-Tiny layer, longer than the matmul itself). Here the backward
+    transposes the narrower of x and g, and W itself for the input gradient, each behind an
+    `optimization_barrier` so the simplifier cannot fold the transpose back into the dot: every backward
+    matmul is then a plain row-major [N, K] x [K, J] product. On other backends this costs a small copy.
+    """
+    return x_NxI @ w_IxO
+
+
+def _dense_fwd(x_NxI, w_IxO):
+    return x_NxI @ w_IxO, (x_NxI, w_IxO)
+
+
+def _dense_bwd(res, g_NxO):
+    x_NxI, w_IxO = res
+    i, o = w_IxO.shape
+    x2, g2 = x_NxI.reshape(-1, i), g_NxO.reshape(-1, o)
+    dx = (g2 @ jax.lax.optimization_barrier(w_IxO.T)).reshape(x_NxI.shape)
+    if i <= o:
+        dw = jax.lax.optimization_barrier(x2.T) @ g2
+    else:
+        dw = (jax.lax.optimization_barrier(g2.T) @ x2).T
+    return dx.astype(x_NxI.dtype), dw.astype(w_IxO.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)

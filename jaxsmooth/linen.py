@@ -40,6 +40,7 @@ class SpectralAttention(nn.Module):
     dropout: float = 0.0
     dtype: str = "float32"
     branch_scale: str = "none"
+    fast_backward: bool = True  # see jaxsmooth.attention.dense
 
     def _theta(self, d: int):
         # Linen initialisers receive one key each; all spectral parameters come from one spectral.init
@@ -91,6 +92,7 @@ class SpectralAttention(nn.Module):
             dropout_rate=self.dropout,
             dropout_key=self.make_rng("dropout") if use_dropout else None,
             dtype=jnp.dtype(self.dtype),
+            fast_backward=self.fast_backward,
         )
         if self.branch_scale == "featscale":
             s_dc = self.param("s_dc", zeros, (d,), jnp.float32)

@@ -47,26 +47,35 @@ class LayerNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, d: int, m: int, *, beta: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, d: int, m: int, *, beta: float = 1.0, dtype=jnp.float32, fast_backward: bool = True,
+        rngs: nnx.Rngs,
+    ):  # fmt: skip
         self.w1, self.b1 = _dense(rngs, d, m, beta), _zeros(m)
         self.w2, self.b2 = _dense(rngs, m, d, beta), _zeros(d)
-        self.dtype = dtype
+        self.dtype, self.fast_backward = dtype, fast_backward
 
     def __call__(self, x_BxTxD):
-        return attn_fn.mlp(x_BxTxD, self.w1[...], self.b1[...], self.w2[...], self.b2[...], dtype=self.dtype)
+        return attn_fn.mlp(
+            x_BxTxD, self.w1[...], self.b1[...], self.w2[...], self.b2[...], dtype=self.dtype,
+            fast_backward=self.fast_backward,
+        )  # fmt: skip
 
 
 class _AttentionBase(nnx.Module):
     """Q/K projections, the optional Wang et al. branch scales, and the forward; subclasses supply
     `value_output() -> (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None)`."""
 
-    def __init__(self, d_model, num_heads, *, causal, qkv_bias, dropout, dtype, branch_scale, rngs):
+    def __init__(
+        self, d_model, num_heads, *, causal, qkv_bias, dropout, dtype, branch_scale, fast_backward, rngs
+    ):
         if d_model % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide d_model={d_model}")
         if branch_scale not in ("none", "attnscale", "featscale"):
             raise ValueError(f"branch_scale={branch_scale!r}; choose one of none, attnscale, featscale")
         self.d_model, self.num_heads, self.causal = d_model, num_heads, causal
         self.dropout, self.dtype, self.branch_scale = dropout, jnp.dtype(dtype), branch_scale
+        self.fast_backward = fast_backward
         self.w_q, self.w_k = _dense(rngs, d_model, d_model), _dense(rngs, d_model, d_model)
         self.b_q = _zeros(d_model) if qkv_bias else None
         self.b_k = _zeros(d_model) if qkv_bias else None
@@ -113,6 +122,7 @@ class _AttentionBase(nnx.Module):
             dropout_rate=self.dropout,
             dropout_key=dropout_key,
             dtype=self.dtype,
+            fast_backward=self.fast_backward,
         )
         if self.branch_scale == "featscale":
             y = attn_fn.feat_scale(y, self.s_dc[...], self.s_hc[...], causal=self.causal)
@@ -133,11 +143,12 @@ class Attention(_AttentionBase):
         dropout: float = 0.0,
         dtype="float32",
         branch_scale: str = "none",
+        fast_backward: bool = True,
         rngs: nnx.Rngs,
     ):
         super().__init__(
             d_model, num_heads, causal=causal, qkv_bias=qkv_bias, dropout=dropout, dtype=dtype,
-            branch_scale=branch_scale, rngs=rngs,
+            branch_scale=branch_scale, fast_backward=fast_backward, rngs=rngs,
         )  # fmt: skip
         self.w_v, self.b_v = _dense(rngs, d_model, d_model, beta), _zeros(d_model)
         self.w_o, self.b_o = _dense(rngs, d_model, d_model, beta), _zeros(d_model)
@@ -175,13 +186,14 @@ class SpectralAttention(_AttentionBase):
         dropout: float = 0.0,
         dtype="float32",
         branch_scale: str = "none",
+        fast_backward: bool = True,
         rngs: nnx.Rngs,
     ):
         if not isinstance(spectrum, Spectrum):
             raise ValueError(f"spectrum must be a jaxsmooth.Spectrum, got {type(spectrum).__name__}")
         super().__init__(
             d_model, num_heads, causal=causal, qkv_bias=qkv_bias, dropout=dropout, dtype=dtype,
-            branch_scale=branch_scale, rngs=rngs,
+            branch_scale=branch_scale, fast_backward=fast_backward, rngs=rngs,
         )  # fmt: skip
         self.spectrum, self.alpha = spectrum, float(alpha)
         theta, psi_D = spectral.init(rngs.params(), d_model, spectrum, alpha=alpha, scale=beta**2)

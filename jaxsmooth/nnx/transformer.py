@@ -52,7 +52,7 @@ class Block(nnx.Module):
         dtype = jnp.dtype(c.dtype)
         common = dict(
             causal=causal, beta=beta, qkv_bias=c.qkv_bias, dropout=c.dropout, dtype=dtype,
-            branch_scale=c.branch_scale, rngs=rngs,
+            branch_scale=c.branch_scale, fast_backward=c.fast_backward, rngs=rngs,
         )  # fmt: skip
         if c.spectrum is None:
             self.attn = Attention(c.d_model, c.num_heads, **common)
@@ -62,7 +62,7 @@ class Block(nnx.Module):
             self.attn = SpectralAttention(c.d_model, c.num_heads, c.spectrum, alpha=alpha, **common)
         self.ln1 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
         self.ln2 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
-        self.mlp = MLP(c.d_model, c.mlp_dim, beta=beta, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(c.d_model, c.mlp_dim, beta=beta, dtype=dtype, fast_backward=c.fast_backward, rngs=rngs)
 
     def __call__(
         self, x_BxTxD, *, mask_BxT=None, dropout_key=None, stats=False, attention=False, value_output=None
