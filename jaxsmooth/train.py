@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsmooth import checkpoint, optim, parallel
+from jaxsmooth import checkpoint, optim, parallel, runtime
 from jaxsmooth import data as data_lib
 from jaxsmooth.checkpoint import Checkpoints
 from jaxsmooth.config import ModelConfig
@@ -449,12 +449,13 @@ def train(
             "count": run.mesh.devices.size,
             "platform": jax.devices()[0].platform,
             "processes": jax.process_count(),
+            "allocator": runtime.active_allocator(),
         }
         say(
             f"jaxsmooth train: {config.name} ({run.num_params:,} parameters) in {workdir}\n"
             f"  data {config.data.name}: {len(run.ds.x_train)} train / {len(run.ds.x_test)} test; "
             f"batch {config.data.batch_size} over {devices['count']} {devices['platform']} device(s), "
-            f"{devices['processes']} process(es)\n"
+            f"{devices['processes']} process(es); {devices['allocator']} allocator\n"
             + (f"  resumed from step {start}\n" if start else "")
             + "".join(f"  {r}\n" for r in ckpt.reports)
         )

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsmooth import cli, train
+from jaxsmooth import cli, runtime, train
 from jaxsmooth import data as data_lib
 from jaxsmooth.checkpoint import CheckpointError, Checkpoints, verify
 
@@ -228,6 +228,11 @@ def test_cli_sigterm_then_resume(tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert f"resumed from step {stopped}" in done.stdout and "test accuracy" in done.stdout
+    # From the command line, train re-executes itself under a caching allocator when one is installed.
+    found = runtime.find_allocator()
+    expect = "system" if found is None else ("jemalloc" if "jemalloc" in found[0] else "tcmalloc")
+    assert f"; {expect} allocator" in done.stdout, done.stdout
+    assert (found is None) == ("allocator (XLA's per-step buffers" not in done.stderr), done.stderr
     assert f"step {stopped + 2}/{stopped + 2}" in done.stdout  # plain progress lines off a terminal
     for f in ("metrics.jsonl", "summary.json", "curves.png"):
         assert (workdir / f).is_file(), f

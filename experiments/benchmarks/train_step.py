@@ -1,8 +1,8 @@
 """Train-step time of a ViT-Tiny-shaped jaxsmooth classifier against torch.nn.TransformerEncoder.
 
     python experiments/benchmarks/train_step.py [--steps 15] [--warmup 3] [--batch 64] [--depth 12]
-        [--variants f32,spectral,bf16,spectral_bf16] [--baseline DIR]
-        [--out experiments/benchmarks/results/train_step.json]
+        [--variants f32,spectral,f32+tcmalloc,spectral+tcmalloc] [--torch-variants torch,torch+tcmalloc]
+        [--baseline DIR] [--out experiments/benchmarks/results/train_step.json]
 
 Both frameworks train the same model: 32x32x3 images, 4x4 patches (64 + [CLS] = 65 tokens), width 192,
 3 heads, MLP 4x (exact GELU), pre-LN (torch: norm_first=True), final LN, linear head, AdamW, softmax
@@ -14,6 +14,10 @@ on the machine hits all of them alike (interleaved), and no framework's idle thr
 Eigen) sits in the same process as the other's. We report the median and the minimum over rounds, plus
 per-step process CPU time (user + sys) and minor page faults, which are much less sensitive to a shared
 machine than wall time.
+
+Allocator: a variant name ending in "+tcmalloc" runs its worker with the caching allocator that
+`jaxsmooth train` uses (`jaxsmooth.runtime`) in LD_PRELOAD, torch as well as jaxsmooth, so each framework
+is compared with the other on the same allocator. Other variants use glibc malloc.
 
 FLOP/s: model FLOPs are counted by hand (matmuls only, backward = 2x forward; `common.hand_flops`); XLA's
 cost analysis of the compiled step is reported as well (it counts each scan body once, not once per
@@ -29,6 +33,8 @@ import statistics
 import common
 import jax
 import numpy as np
+
+from jaxsmooth import runtime
 
 VARIANTS = {
     "f32": dict(spectral=False),
@@ -112,6 +118,7 @@ def worker(spec: dict) -> None:
 
     for _ in range(spec["warmup"]):
         fn()
+    info["allocator"] = runtime.active_allocator()  # proves the LD_PRELOAD took effect
     print(json.dumps({"ready": True, **info}), flush=True)
     for line in sys.stdin:
         if line.strip() == "matmul":
@@ -138,8 +145,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--variants", default="f32,spectral,bf16,spectral_bf16")
-    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--variants", default="f32,spectral,f32+tcmalloc,spectral+tcmalloc",
+                    help=f"jaxsmooth variants: {', '.join(VARIANTS)}, each optionally +tcmalloc")  # fmt: skip
+    ap.add_argument("--torch-variants", default="torch,torch+tcmalloc", help="'' for none")
+    ap.add_argument("--no-torch", action="store_true", help="same as --torch-variants ''")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument(
         "--baseline",
@@ -155,18 +164,31 @@ def main(argv=None):
 
     b, depth = args.batch, args.depth
     variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v.removesuffix("+tcmalloc") not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)} (optionally +tcmalloc)")
     names = variants + ([f"base_{v}" for v in variants] if args.baseline else [])
-    names += [] if args.no_torch else ["torch"]
+    torches = [] if args.no_torch else [v for v in args.torch_variants.split(",") if v]
+    if any(v.removesuffix("+tcmalloc") != "torch" for v in torches):
+        ap.error(f"--torch-variants takes torch and torch+tcmalloc, got {args.torch_variants!r}")
+    names += torches
+    found = runtime.find_allocator()
+    if any(n.endswith("+tcmalloc") for n in names) and found is None:
+        ap.error("a +tcmalloc variant needs tcmalloc (apt-get install libtcmalloc-minimal4)")
     procs, info = {}, {}
     for name in names:  # built one after another, so compiles do not compete
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        if name.endswith("+tcmalloc"):
+            env["LD_PRELOAD"], extra = found
+            env.update(extra)
         if name.startswith("base_"):
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(Path(args.baseline).resolve()), env.get("PYTHONPATH", "")]
             )
         spec = dict(
-            name=name.removeprefix("base_"), depth=depth, batch=b, threads=args.threads, warmup=args.warmup
-        )
+            name=name.removeprefix("base_").removesuffix("+tcmalloc"),
+            depth=depth, batch=b, threads=args.threads, warmup=args.warmup,
+        )  # fmt: skip
         p = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -179,7 +201,7 @@ def main(argv=None):
         procs[name].stdin.flush()
         return json.loads(procs[name].stdout.readline())
 
-    mm_name = names[0] if names[0] != "torch" else names[-1]
+    mm_name = names[0] if not names[0].startswith("torch") else names[-1]
     mm = [ask(mm_name, "matmul")]
     times = {k: [] for k in names}
     for _ in range(args.steps):
@@ -197,7 +219,7 @@ def main(argv=None):
     stat = lambda k, f, agg: agg([r[f] for r in times[k]])
     med = {k: stat(k, "wall", statistics.median) for k in names}
     best = {k: stat(k, "wall", min) for k in names}
-    jax_names = [k for k in names if k != "torch"]
+    jax_names = [k for k in names if not k.startswith("torch")]
     res = {
         "benchmark": "train_step",
         "machine": common.machine(),
@@ -211,6 +233,7 @@ def main(argv=None):
         "median_sys_ms": {k: 1e3 * stat(k, "sys", statistics.median) for k in names},
         "median_page_faults": {k: stat(k, "faults", statistics.median) for k in names},
         "xla_temp_MB": {k: info[k].get("temp_MB") for k in jax_names},
+        "allocator in use": {k: info[k].get("allocator") for k in names},
         "matmul_1024_gflops (start, end)": mm,
         "hand_flops_per_step": flops,
         "xla_cost_analysis_flops (scan body counted once)": {k: info[k].get("xla_flops") for k in jax_names},
@@ -218,10 +241,18 @@ def main(argv=None):
         "fraction_of_matmul_peak (median)": {k: flops / med[k] / peak for k in names},
         "fraction_of_matmul_peak (min)": {k: flops / best[k] / peak for k in names},
     }
-    if "torch" in med:
-        res["jaxsmooth/torch (median)"] = {k: med[k] / med["torch"] for k in jax_names}
-        res["jaxsmooth/torch (min)"] = {k: best[k] / best["torch"] for k in jax_names}
+    res["allocator (+tcmalloc variants)"] = found[0] if found else None
+    if torches:  # against torch on the same allocator, and against the fastest torch
+        peer = lambda k: "torch+tcmalloc" if k.endswith("+tcmalloc") and "torch+tcmalloc" in med else "torch"
+        fastest = min(torches, key=lambda k: med[k])
+        for stat_name, d in (("median", med), ("min", best)):
+            res[f"jaxsmooth/torch, same allocator ({stat_name})"] = {
+                k: d[k] / d[peer(k)] for k in jax_names if peer(k) in d
+            }
+            res[f"jaxsmooth/fastest torch ({stat_name})"] = {k: d[k] / d[fastest] for k in jax_names}
     pairs = [("spectral", "f32"), ("bf16", "f32"), ("spectral_bf16", "spectral")]
+    pairs += [(f"{a}+tcmalloc", f"{b}+tcmalloc") for a, b in pairs]
+    pairs += [(f"{v}+tcmalloc", v) for v in [*VARIANTS, "torch"]]
     pairs += [(v, f"base_{v}") for v in variants if args.baseline]
     for num, den in pairs:
         if num in med and den in med:
