@@ -183,7 +183,7 @@ def test_fast_backward_matches_autodiff_in_a_model_and_can_be_turned_off_for_jvp
         graphdef, params = nnx.split(model, nnx.Param)
         loss = lambda p, gd=graphdef: jnp.sum(jnp.sin(nnx.merge(gd, p)(x)))
         grads.append(jax.jit(jax.grad(loss))(params))
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         assert float(jnp.abs(b).max()) > 0  # every parameter gets a gradient: the comparison is not 0 == 0
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     out, tangent = jax.jvp(lambda x: model(x), (x,), (jnp.ones_like(x),))  # model: fast_backward=False
