@@ -139,8 +139,12 @@ class Transformer(nnx.Module):
             y, aux = block(x, mask_BxT=mask_BxT, dropout_key=key, value_output=vo, **want)
             return y, aux
 
-        def compose(state_G):  # spectral W_V, W_O of a stack of G layers, one batched composition
-            return jax.vmap(lambda s: nnx.merge(graphdef, s).attn.value_output())(state_G)
+        def compose(state_G):  # spectral W_V, W_O of a stack of G layers, one layer at a time
+            # lax.map, not vmap: on CPU a batched QR / triangular solve is one LAPACK custom call that
+            # farms the batch out to XLA's own thread pool and blocks until it is done; inside the train
+            # step those tasks waited behind the other thread's work (QR 5-10 ms alone, 150-220 ms in the
+            # ViT-Tiny step). One matrix per call runs inline on the calling thread.
+            return jax.lax.map(lambda s: nnx.merge(graphdef, s).attn.value_output(), state_G)
 
         x = x_BxTxD.astype(jnp.dtype(c.dtype))
         x, aux = _run_stack(body, x, state, keys_L, c, None if c.spectrum is None else compose)
@@ -197,7 +201,9 @@ def _run_stack(body, x, state, keys_L, c: ModelConfig, compose=None):
     composes all L layers before the scan (kept for the backward pass: O(L D^2), next to O(L B T D) of
     activations); "full" and "nested" compose each layer inside its own checkpointed body (O(D^2), redone
     when the layer is recomputed). Composing a nested group's G layers as one batched call inside the
-    group checkpoint deadlocked XLA:CPU's runtime at depth 1000 (G = 32, jaxlib 0.10.2), so we do not.
+    group checkpoint deadlocked XLA:CPU's runtime at depth 1000 (G = 32, jaxlib 0.10.2), so we do not:
+    most likely the same cause as the stall `compose` avoids (jaxlib's batched LAPACK kernels block a pool
+    thread while waiting for tasks queued on the same pool).
     """
     if c.remat == "none":  # keep the matmul outputs, recompute elementwise work (see the docstring)
         policy = jax.checkpoint_policies.dots_saveable
