@@ -8,23 +8,16 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 
-import jax
 import numpy as np
 import pytest
+from conftest import XLA_CACHE_ENV
 
 from jaxsmooth import cli, train
 
 # The tiny run of test_train.py and its persistent XLA cache (same programs, so compiled code is shared).
-CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": os.path.join(
-        tempfile.gettempdir(), f"jaxsmooth-test-xla-cache-{os.getuid()}"
-    ),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
+CACHE_ENV = XLA_CACHE_ENV
 TINY = {
     "model.depth": 1, "model.d_model": 16, "model.num_heads": 2, "data.batch_size": 16,
     "data.eval_batch_size": 360, "train.log_every": 1, "train.stats_every": 3, "train.eval_every": 4,
@@ -57,16 +50,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache():
-    """The persistent compilation cache of test_train.py, for the in-process one-device reference."""
-    keys = {k.lower(): v for k, v in CACHE_ENV.items()}
-    old = {k: jax.config.values[k] for k in keys}
-    for k, v in keys.items():
-        jax.config.update(k, v if k.endswith("dir") else int(v))
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("xla_cache")  # conftest: the persistent compilation cache
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,18 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import XLA_CACHE_ENV
 
 from jaxsmooth import cli, runtime, train
 from jaxsmooth import data as data_lib
 from jaxsmooth.checkpoint import CheckpointError, Checkpoints, verify
 
 N = 6  # steps of the reference run; checkpoints every 2
-CACHE_DIR = Path(tempfile.gettempdir()) / f"jaxsmooth-test-xla-cache-{os.getuid()}"
-CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": str(CACHE_DIR),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
+CACHE_ENV = XLA_CACHE_ENV  # conftest: the persistent compilation cache, also for the CLI subprocesses
 # The tiny run as CLI overrides, so the subprocess test compiles (or finds cached) the same programs.
 TINY = {
     "model.depth": 1, "model.d_model": 16, "model.num_heads": 2, "data.batch_size": 16,
@@ -41,15 +36,7 @@ TINY = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache():
-    keys = {k.lower(): v for k, v in CACHE_ENV.items()}
-    old = {k: jax.config.values[k] for k in keys}
-    for k, v in keys.items():
-        jax.config.update(k, v if k.endswith("dir") else int(v))
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("xla_cache")  # conftest: the persistent compilation cache
 
 
 def tiny(steps: int = N, **overrides):

@@ -154,9 +154,10 @@ def test_vit_and_causal_lm():
     ids = jnp.arange(9)[None, :] % 11
     assert lm(ids).shape == (1, 9, 11)
 
-    # causality through the whole model: logits at position t do not depend on tokens after t
+    # causality through the whole model: logits at position t do not depend on tokens after t. A weighted
+    # sum: the last op is a unit-gain LayerNorm, whose outputs sum to 0, so a plain sum has gradient ~0.
     def f(emb):
-        return lm.transformer(emb)[0, 3].sum()
+        return (lm.transformer(emb)[0, 3] * jnp.arange(1.0, 17.0)).sum()
 
     emb = jax.random.normal(jax.random.key(0), (1, 9, 16))
     g = jax.grad(f)(emb)
