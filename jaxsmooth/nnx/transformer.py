@@ -202,8 +202,8 @@ def _run_stack(body, x, state, keys_L, c: ModelConfig, compose=None):
     activations); "full" and "nested" compose each layer inside its own checkpointed body (O(D^2), redone
     when the layer is recomputed). Composing a nested group's G layers as one batched call inside the
     group checkpoint deadlocked XLA:CPU's runtime at depth 1000 (G = 32, jaxlib 0.10.2), so we do not:
-    most likely the same cause as the stall `compose` avoids (jaxlib's batched LAPACK kernels block a pool
-    thread while waiting for tasks queued on the same pool).
+    we suspect (not verified) the same cause as the stall `compose` avoids: jaxlib's batched LAPACK kernels
+    block a pool thread while waiting for tasks queued on the same pool.
     """
     if c.remat == "none":  # keep the matmul outputs, recompute elementwise work (see the docstring)
         policy = jax.checkpoint_policies.dots_saveable
