@@ -179,7 +179,7 @@ def test_fast_backward_matches_autodiff_in_a_model_and_can_be_turned_off_for_jvp
     grads = []
     for fast in (True, False):
         model = ViT(jaxsmooth.ModelConfig(**base, fast_backward=fast), 10, (8, 8, 1), 4, rngs=nnx.Rngs(0))
-        model.head_w.value = jax.random.normal(jax.random.key(2), model.head_w.value.shape)  # not 0 at init
+        model.head_w[...] = jax.random.normal(jax.random.key(2), model.head_w[...].shape)  # not 0 at init
         graphdef, params = nnx.split(model, nnx.Param)
         loss = lambda p, gd=graphdef: jnp.sum(jnp.sin(nnx.merge(gd, p)(x)))
         grads.append(jax.jit(jax.grad(loss))(params))
