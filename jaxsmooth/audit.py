@@ -575,7 +575,7 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
         if kind == "vit":
             if texts:
                 raise AuditError("this run is a ViT: it audits images (--data NAME), not --text")
-            src = ds if data is None else _image_dataset(data, d)
+            src = ds if data is None else _dataset(data, d, "image")
             x = np.asarray(src.x_test[:n], np.float32)
             if x.shape[1:] != tuple(model.image_shape):
                 raise AuditError(
@@ -592,7 +592,7 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
             if pathlib.Path(data).is_file():
                 texts += _read_text_lines(data)
             else:
-                src = _char_dataset(data, d)
+                src = _dataset(data, d, "text")
                 if src.vocab != ds.vocab:
                     raise AuditError(f"--data {data}: its vocabulary differs from the run's {ds.name!r}")
                 return _windows(src, n, model.max_len)
@@ -698,7 +698,9 @@ def _run_forward(graphdef, params, rest, x) -> dict:
     return aux
 
 
-def _image_dataset(name: str, run_data):
+def _dataset(name: str, run_data, kind: str):
+    """Load data set `name` for the audit (with the run's data kwargs if it is the run's own data set),
+    refusing one of the wrong kind ("image" for a ViT run, "text" for a character LM)."""
     from jaxsmooth import data as data_lib
 
     kwargs = run_data.kwargs.to_dict() if name == run_data.name else {}
@@ -706,21 +708,9 @@ def _image_dataset(name: str, run_data):
         ds = data_lib.load(name, **kwargs)
     except (ValueError, data_lib.DataNotFoundError) as e:
         raise AuditError(f"--data {name}: {e}") from e
-    if ds.kind != "image":
-        raise AuditError(f"--data {name} is a text dataset; this run is a ViT")
-    return ds
-
-
-def _char_dataset(name: str, run_data):
-    from jaxsmooth import data as data_lib
-
-    kwargs = run_data.kwargs.to_dict() if name == run_data.name else {}
-    try:
-        ds = data_lib.load(name, **kwargs)
-    except (ValueError, data_lib.DataNotFoundError) as e:
-        raise AuditError(f"--data {name}: {e}") from e
-    if ds.kind != "text":
-        raise AuditError(f"--data {name} is an image dataset; this run is a character LM")
+    if ds.kind != kind:
+        what, model = ("a text", "a ViT") if kind == "image" else ("an image", "a character LM")
+        raise AuditError(f"--data {name} is {what} dataset; this run is {model}")
     return ds
 
 

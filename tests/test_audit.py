@@ -197,6 +197,8 @@ def test_causal_lm_run_on_text(tmp_path):
     assert r["inputs"]["num_inputs"] == 3 and r["inputs"]["seq_len"] == 24
     with pytest.raises(audit.AuditError, match="vocabulary"):
         audit.audit(run, texts=["QZX!"])
+    with pytest.raises(audit.AuditError, match="digits is an image dataset; this run is a character LM"):
+        audit.audit(run, data="digits")
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -263,6 +265,8 @@ def test_corrupted_checkpoint(sharpen_run, tmp_path):
 def test_vit_run_rejects_text(sharpen_run):
     with pytest.raises(audit.AuditError, match="ViT"):
         audit.audit(sharpen_run, texts=["hello"])
+    with pytest.raises(audit.AuditError, match="shakespeare_char is a text dataset; this run is a ViT"):
+        audit.audit(sharpen_run, data="shakespeare_char")
 
 
 def test_plot_run_from_metrics(tmp_path):
