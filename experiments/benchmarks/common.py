@@ -54,16 +54,29 @@ def make_train_step(mcfg: ModelConfig, *, image=IMAGE, patch=PATCH, classes=CLAS
 
     state = jax.jit(init)() if init_jit else init()
 
-    def step(state, x_BxHxWxC, y_B):
-        def loss_fn(params):
-            logits = nnx.merge(graphdef, params)(x_BxHxWxC)
-            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_B))
+    step = adamw_step(classification_loss(graphdef), tx)
+    return jax.jit(step, donate_argnums=0), state
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+
+def classification_loss(graphdef):
+    """loss(params, images, labels): mean softmax cross-entropy of the model (float32 logits)."""
+
+    def loss_fn(params, x_BxHxWxC, y_B):
+        logits = nnx.merge(graphdef, params)(x_BxHxWxC).astype(jnp.float32)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_B))
+
+    return loss_fn
+
+
+def adamw_step(loss_fn, tx):
+    """step(state, *batch) -> (state, loss): one optimiser step on {"params", "opt"} (not jitted)."""
+
+    def step(state, *batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], *batch)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
 
-    return jax.jit(step, donate_argnums=0), state
+    return step
 
 
 def batch(b: int, *, image=IMAGE, classes=CLASSES, seed: int = 0):

@@ -83,14 +83,7 @@ def main(argv=None):
     state = jax.block_until_ready(init())
     t_init = time.perf_counter() - t0
 
-    def loss_fn(params, x, y):
-        logits = nnx.merge(graphdef, params)(x)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-    def step(state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], x, y)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
+    step = common.adamw_step(common.classification_loss(graphdef), tx)
 
     @jax.jit
     def accuracy(params, x, y):

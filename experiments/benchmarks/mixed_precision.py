@@ -44,15 +44,7 @@ def train(ds, spectral: bool, dtype: str, steps: int, seed: int, batch: int = 64
         params = nnx.split(build(), nnx.Param)[1].to_pure_dict()
         return {"params": params, "opt": tx.init(params)}
 
-    def loss_fn(params, x, y):
-        logits = nnx.merge(graphdef, params)(x).astype(jnp.float32)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-    @jax.jit
-    def step(state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], x, y)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
+    step = jax.jit(common.adamw_step(common.classification_loss(graphdef), tx))
 
     @jax.jit
     def evaluate(params, x, y):
