@@ -243,6 +243,93 @@ def predict(a_NxN: Any, h_DxD: Any, tol: float = 1e-6) -> Prediction:
 
 
 # ---------------------------------------------------------------------------------------------
+# The map a transformer block really applies (docs/theory.md, "The effective map per residual type").
+
+RESIDUALS: tuple[str, ...] = ("pre_ln", "post_ln", "deepnorm")
+VALUE_NORMS: tuple[str, ...] = ("rms", "ln")
+
+
+def effective_update(
+    h_DxD: Any,
+    ln_gain_D: Any = None,
+    residual: str = "pre_ln",
+    alpha: float = 1.0,
+    *,
+    value_norm: str = "ln",
+) -> np.ndarray:
+    """M_DxD: the matrix whose spectrum decides the one-step regime of a block's attention update.
+
+    The linear theory above is about X -> X + A X M. What M is depends on where the block's LayerNorm sits
+    (tokens are rows; G = diag(gain), C = I - 1 1^T / D the LayerNorm's centring over features):
+
+    - pre_ln, value_norm="ln" (the standard pre-LN block, x <- x + Attn(LN_g(x))): the value path reads
+      LN_g(x) = (x C / sigma(x)) G + b, so the update is A S X (C G H) + 1 (b^T H) with S = diag(1 / sigma)
+      per token: M = C G H, up to the positive per-token scale 1 / sigma and a DC term from the LN bias.
+      A negative gain flips the sign of the eigenvalues it touches. C adds one structural eigenvalue 0
+      (left eigenvector 1: the feature-mean direction LayerNorm removes, which the branch cannot act on;
+      it gives mu = 1 for every token mode, i.e. neither smoothing nor sharpening) and changes the others:
+      the non-zero eigenvalues of C G H are those of the compression B^T G H B onto 1^perp (B an orthonormal
+      basis of it). For constant G = g I and symmetric H, Cauchy interlacing keeps them inside
+      g [min eig H, max eig H]; for positive but unequal gains it does not (docs/theory.md gives the
+      measured violation rate), and for gains of either sign nothing is kept.
+    - pre_ln, value_norm="rms" (jaxsmooth's default: the value path reads x / rms(x), no centring, no gain,
+      no bias, while Q and K still read LN_g(x)): M = H, exactly, up to the positive per-token 1 / rms(x).
+      The ln_gain is irrelevant.
+    - post_ln (x <- LN_g(x + A x H)) and deepnorm (x <- LN_g(alpha x + A x H)): the gain multiplies skip
+      and branch alike. Writing the block input as x = x_hat G (+ a DC bias term), the block is
+      LN((x_hat + A x_hat G H G^-1 / alpha) alpha G): the one-step map G H G^-1 / alpha is similar to
+      H / alpha, whatever the gains. M = H / alpha; ln_gain is ignored.
+
+    Args:
+      h_DxD: H = W_V W_O of the layer.
+      ln_gain_D: the effective gain of the LayerNorm in front of the attention branch (after softplus for
+        ln_gain="positive"). Needed only for pre_ln with value_norm="ln"; None means all ones.
+      residual: "pre_ln" | "post_ln" | "deepnorm".
+      alpha: DeepNorm's residual scale (1 for the other residual types).
+      value_norm: "ln" | "rms": what the value path of a pre-LN block reads (ignored otherwise).
+    Returns:
+      M_DxD, float64.
+    """
+    h = _as_matrix(h_DxD, "H", square=True)
+    d = h.shape[0]
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual={residual!r} is not allowed; choose one of {', '.join(RESIDUALS)}")
+    if value_norm not in VALUE_NORMS:
+        raise ValueError(f"value_norm={value_norm!r} is not allowed; choose one of {', '.join(VALUE_NORMS)}")
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha={alpha} must be a finite number > 0")
+    if residual == "pre_ln" and alpha != 1.0:
+        raise ValueError(f"alpha={alpha}: only residual='deepnorm' scales the skip path (use alpha=1)")
+    if residual != "pre_ln":
+        return h / alpha
+    if value_norm == "rms":
+        return h
+    g = np.ones(d) if ln_gain_D is None else np.asarray(ln_gain_D, np.float64)
+    if g.shape != (d,):
+        raise ValueError(f"ln_gain has shape {g.shape}; expected ({d},) for a {d}x{d} H")
+    gh = g[:, None] * h  # G H
+    return gh - np.mean(gh, axis=0, keepdims=True)  # C G H: subtract the column means (1 1^T / D) G H
+
+
+def effective_eigenvalues(m_DxD: Any, residual: str = "pre_ln", *, value_norm: str = "ln") -> np.ndarray:
+    """Eigenvalues of an `effective_update` matrix that the branch can act on, sorted by real part.
+
+    For pre_ln with value_norm="ln" the structural zero of the centring (see `effective_update`) is left
+    out: the result is the spectrum of the compression B^T M B onto the features orthogonal to 1 (D - 1
+    values). Otherwise all D eigenvalues of M. Complex, float64.
+    """
+    m = _as_matrix(m_DxD, "M", square=True)
+    if residual == "pre_ln" and value_norm == "ln":
+        d = m.shape[0]
+        # Orthonormal basis of 1^perp: the last D - 1 columns of Q from QR([1, e_1, ..., e_{D-1}]).
+        q, _ = np.linalg.qr(np.concatenate([np.ones((d, 1)), np.eye(d)[:, : d - 1]], axis=1))
+        b = q[:, 1:]
+        m = b.T @ m @ b
+    ev = np.linalg.eigvals(m).astype(np.complex128)
+    return ev[np.lexsort((ev.imag, ev.real))]
+
+
+# ---------------------------------------------------------------------------------------------
 # Simulation with float64 numpy metrics (same definitions as jaxsmooth.metrics, batched over layers).
 
 
