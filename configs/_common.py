@@ -132,7 +132,8 @@ def model(
     c.spectrum = spectrum  # constraint on the eigenvalues of H = W_V W_O (spectrum(), below)
     c.residual = "pre_ln"  # pre_ln | post_ln | deepnorm
     c.deepnorm_arch = "encoder"  # which DeepNet formula sets alpha, beta (encoder | decoder)
-    c.ln_gain = "free"  # free | positive (softplus gain: keeps the sign of the eigenvalues)
+    c.ln_gain = "free"  # free | positive (softplus gain > 0)
+    c.value_norm = "rms"  # pre_ln: the value path reads x / rms(x) (rms: the promise holds) or LN1(x) (ln)
     c.remat = "none"  # none | full | nested (activation memory vs recompute)
     c.remat_group = _unset(remat_group, int)  # remat=nested: layers per group (None: sqrt(L))
     c.scan = True  # scan over layers (False: unrolled loop, a test oracle)

@@ -38,6 +38,14 @@ def layer_norm(
     return y.astype(x_BxTxD.dtype)
 
 
+def rms_normalize(x_BxTxD: jnp.ndarray, *, eps: float) -> jnp.ndarray:
+    """x / rms(x) per token (float32 statistics), with no centring and no parameters: a positive per-token
+    scale, so a value path that reads it applies exactly W_V W_O (docs/theory.md)."""
+    x32 = x_BxTxD.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return y.astype(x_BxTxD.dtype)
+
+
 def effective_gain(gain_D: jnp.ndarray, positive: bool) -> jnp.ndarray:
     g = gain_D.astype(jnp.float32)
     return jax.nn.softplus(g) if positive else g
@@ -137,8 +145,12 @@ def multihead_attention(
     dropout_key: jax.Array | None = None,
     dtype: jnp.dtype | None = None,
     fast_backward: bool = True,
+    v_in_BxTxD: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Self-attention y = concat_h(A_h X W_V[:, h]) W_O (+ biases). Returns (y_BxTxD, att_BxHxTxT).
+
+    v_in_BxTxD: what the value projection reads (default x_BxTxD): a pre-LN block with
+    value_norm="rms" passes x / rms(x) here while Q and K read LN(x).
 
     Matmuls run in `dtype` (default: x's dtype); attention logits and softmax in float32.
     fast_backward: the four projections use `dense` (a backward pass laid out for XLA:CPU; reverse mode
@@ -155,9 +167,12 @@ def multihead_attention(
     dtype = dtype or x_BxTxD.dtype
     k_dim = d // num_heads
     x = x_BxTxD.astype(dtype)
+    x_v = x if v_in_BxTxD is None else v_in_BxTxD.astype(dtype)
+    if x_v.shape != x.shape:
+        raise ValueError(f"v_in has shape {x_v.shape}; expected the query input's {x.shape}")
     matmul = dense if fast_backward else jnp.matmul
 
-    def project(w_DxD, b_D):  # -> heads-major [B, H, T, K]
+    def project(w_DxD, b_D, x=x):  # -> heads-major [B, H, T, K]
         y_BxTxD = matmul(x, w_DxD.astype(dtype))
         if b_D is not None:
             y_BxTxD = y_BxTxD + b_D.astype(dtype)[None, None, :]
@@ -169,7 +184,7 @@ def multihead_attention(
     q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = (
         project(w_q_DxD, b_q_D),
         project(w_k_DxD, b_k_D),
-        project(w_v_DxD, b_v_D),
+        project(w_v_DxD, b_v_D, x_v),
     )
     allowed = allowed_keys(b, t, t, mask_BxS=mask_BxS, causal=causal)
     att_BxHxTxS = _attention_weights_bh(q_BxHxTxK, k_BxHxSxK, allowed)

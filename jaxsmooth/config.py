@@ -16,6 +16,7 @@ BASES = ("orthogonal", "general")
 BOUNDS = ("clip", "smooth")
 RESIDUALS = ("pre_ln", "post_ln", "deepnorm")
 LN_GAINS = ("free", "positive")
+VALUE_NORMS = ("rms", "ln")
 REMATS = ("none", "full", "nested")
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHS = ("encoder", "decoder", "encoder_decoder")
@@ -152,7 +153,12 @@ class ModelConfig:
     spectrum: Spectrum | None = None  # None: unconstrained W_V, W_O (the baseline)
     residual: Literal["pre_ln", "post_ln", "deepnorm"] = "pre_ln"
     deepnorm_arch: Literal["encoder", "decoder"] = "encoder"  # which DeepNet formula sets alpha, beta
-    ln_gain: Literal["free", "positive"] = "free"  # positive: gamma = softplus(g) > 0, keeps eig signs
+    ln_gain: Literal["free", "positive"] = "free"  # positive: gamma = softplus(g) > 0
+    # pre_ln only: what the attention's value path reads. "rms": x / rms(x) (no centring, gain or bias), so
+    # the map the branch applies is H itself and the spectral promise holds for any LN parameters and any
+    # basis; Q and K still read LN1(x). "ln": LN1(x), the standard pre-LN block, whose map is
+    # C diag(gain) H (docs/theory.md): LN gains can flip the eigenvalue signs there.
+    value_norm: Literal["rms", "ln"] = "rms"
     remat: Literal["none", "full", "nested"] = "none"
     remat_group: int | None = None  # nested: layers per checkpointed group; None = round(sqrt(depth))
     scan: bool = True  # False: a Python loop over layers (a test oracle; compile time grows with depth)
@@ -180,6 +186,12 @@ class ModelConfig:
         _check_choice("model.residual", self.residual, RESIDUALS)
         _check_choice("model.deepnorm_arch", self.deepnorm_arch, ("encoder", "decoder"))
         _check_choice("model.ln_gain", self.ln_gain, LN_GAINS)
+        _check_choice("model.value_norm", self.value_norm, VALUE_NORMS)
+        if self.value_norm == "ln" and self.residual != "pre_ln":
+            raise ValueError(
+                f"model.value_norm='ln' applies to residual='pre_ln' only (a {self.residual} branch reads the "
+                "residual stream directly); leave it at 'rms'"
+            )
         _check_choice("model.remat", self.remat, REMATS)
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.branch_scale", self.branch_scale, BRANCH_SCALES)

@@ -101,9 +101,12 @@ class _AttentionBase(nnx.Module):
         w_o_HxKxD = w_o.reshape(self.num_heads, k, self.d_model)
         return jnp.einsum("DHK,HKE->HDE", w_v_DxHxK, w_o_HxKxD)
 
-    def __call__(self, x_BxTxD, *, mask_BxT=None, dropout_key=None, return_weights=False, value_output=None):
+    def __call__(
+        self, x_BxTxD, *, mask_BxT=None, dropout_key=None, return_weights=False, value_output=None, v_in=None
+    ):
         """value_output: (w_v, w_o, b_v, b_o) already computed by `self.value_output()`. The block stack
-        passes it to compose the spectral W_V, W_O of all layers in one batched call before its scan."""
+        passes it to compose the spectral W_V, W_O of all layers in one batched call before its scan.
+        v_in: what the value projection reads (default x_BxTxD)."""
         w_v, w_o, b_v, b_o = self.value_output() if value_output is None else value_output
         y, att = attn_fn.multihead_attention(
             x_BxTxD,
@@ -123,6 +126,7 @@ class _AttentionBase(nnx.Module):
             dropout_key=dropout_key,
             dtype=self.dtype,
             fast_backward=self.fast_backward,
+            v_in_BxTxD=v_in,
         )
         if self.branch_scale == "featscale":
             y = attn_fn.feat_scale(y, self.s_dc[...], self.s_hc[...], causal=self.causal)

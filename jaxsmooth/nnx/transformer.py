@@ -37,7 +37,9 @@ import numpy as np
 from flax import nnx
 
 from jaxsmooth import metrics
+from jaxsmooth import theory
 from jaxsmooth.attention import dropout as _dropout
+from jaxsmooth.attention import rms_normalize as _rms
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx.layers import MLP, Attention, LayerNorm, SpectralAttention, eigvals_by_modulus
 
@@ -49,6 +51,7 @@ class Block(nnx.Module):
         c = config
         alpha, beta = c.alpha_beta
         self.residual, self.alpha, self.dropout = c.residual, alpha, c.dropout
+        self.value_norm, self.ln_eps = c.value_norm, c.ln_eps
         dtype = jnp.dtype(c.dtype)
         common = dict(
             causal=causal, beta=beta, qkv_bias=c.qkv_bias, dropout=c.dropout, dtype=dtype,
@@ -70,11 +73,14 @@ class Block(nnx.Module):
         """value_output: this layer's precomputed (w_v, w_o, b_v, b_o), see `_AttentionBase.__call__`."""
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         drop = lambda y, k: _dropout(y, self.dropout, k)
-        attend = lambda x: self.attn(
-            x, mask_BxT=mask_BxT, dropout_key=keys[0], return_weights=True, value_output=value_output
-        )
+        attend = lambda x, v_in=None: self.attn(
+            x, mask_BxT=mask_BxT, dropout_key=keys[0], return_weights=True, value_output=value_output,
+            v_in=v_in,
+        )  # fmt: skip
         if self.residual == "pre_ln":
-            a, att = attend(self.ln1(x_BxTxD))
+            # value_norm="rms": V reads x / rms(x), so the branch applies H itself whatever LN1's gain is.
+            v_in = _rms(x_BxTxD, eps=self.ln_eps) if self.value_norm == "rms" else None
+            a, att = attend(self.ln1(x_BxTxD), v_in)
             x = x_BxTxD + drop(a, keys[1]).astype(x_BxTxD.dtype)
             x = x + drop(self.mlp(self.ln2(x)), keys[2]).astype(x.dtype)
         else:
@@ -175,6 +181,19 @@ class Transformer(nnx.Module):
     def ln_gains(self) -> jnp.ndarray:
         """[L, 2, D] effective LayerNorm gains (ln1, ln2) of every block."""
         return self._per_layer(lambda b: jnp.stack([b.ln1.effective_gain(), b.ln2.effective_gain()]))
+
+    def effective_update(self) -> np.ndarray:
+        """[L, D, D] float64: per layer, the map M whose spectrum decides the one-step regime of the block's
+        attention update (`jaxsmooth.theory.effective_update`: H for pre-LN with value_norm="rms",
+        C diag(ln1 gain) H for value_norm="ln", H / alpha for post-LN and DeepNorm). Host-side numpy."""
+        c = self.config
+        h_LxDxD = np.asarray(self.effective_h(), np.float64)
+        gains_LxD = np.asarray(self.ln_gains()[:, 0], np.float64)
+        alpha = c.alpha_beta[0]
+        return np.stack([
+            theory.effective_update(h, g, c.residual, alpha, value_norm=c.value_norm)
+            for h, g in zip(h_LxDxD, gains_LxD, strict=True)
+        ])  # fmt: skip
 
 
 def nested_group(depth: int) -> int:
