@@ -189,8 +189,8 @@ class ModelConfig:
         _check_choice("model.value_norm", self.value_norm, VALUE_NORMS)
         if self.value_norm == "ln" and self.residual != "pre_ln":
             raise ValueError(
-                f"model.value_norm='ln' applies to residual='pre_ln' only (a {self.residual} branch reads the "
-                "residual stream directly); leave it at 'rms'"
+                f"model.value_norm='ln' applies to residual='pre_ln' only (a {self.residual} branch reads"
+                " the residual stream directly); leave it at 'rms'"
             )
         _check_choice("model.remat", self.remat, REMATS)
         _check_choice("model.dtype", self.dtype, DTYPES)

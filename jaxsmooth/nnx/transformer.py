@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsmooth import metrics
-from jaxsmooth import theory
+from jaxsmooth import metrics, theory
 from jaxsmooth.attention import dropout as _dropout
 from jaxsmooth.attention import rms_normalize as _rms
 from jaxsmooth.config import ModelConfig
