@@ -140,6 +140,7 @@ def model(
     c.dropout = 0.0  # dropout on attention probabilities and branch outputs
     c.dtype = "float32"  # compute dtype (params stay float32)
     c.qkv_bias = True  # biases on the Q and K projections
+    c.vo_bias = False  # biases on the V and O projections (a DC term outside the spectral constraint)
     c.branch_scale = "none"  # none | attnscale | featscale (Wang et al. 2022 baselines)
     c.ln_eps = 1e-6  # LayerNorm epsilon
     return _override(c, overrides, "model")
@@ -157,6 +158,9 @@ def spectrum(
     c.hi = _unset(hi, float)  # upper end of the interval (None: mode default)
     c.max_cond = 10.0  # basis=general: bound on the condition number of V
     c.margin = 1e-6  # keeps open interval ends open, as a fraction of hi - lo
+    c.init = "uniform"  # initial eigenvalues: uniform (central 90% of the interval) | matched (baseline's)
+    c.init_scale = 1.0  # multiplies the initial eigenvalues
+    c.param_scale = "width"  # width: parameters at the baseline's entry scale | unit: the paper's
     return _override(c, overrides, "model.spectrum")
 
 

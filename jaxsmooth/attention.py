@@ -60,52 +60,76 @@ def dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
 
 
 def allowed_keys(
-    batch: int, t: int, s: int, *, mask_BxS: jnp.ndarray | None, causal: bool
+    batch: int,
+    t: int,
+    s: int,
+    *,
+    mask: jnp.ndarray | None = None,
+    causal: bool = False,
+    offset: jnp.ndarray | int = 0,
 ) -> jnp.ndarray | None:
-    """Boolean [B, 1, T, S] of which keys each query may attend to (None: all)."""
+    """Boolean [B, 1 | H, T, S] of which keys each query may attend to (None: all).
+
+    Args:
+      batch, t, s: batch size, query and key lengths.
+      mask: Flax-style boolean attention mask broadcastable to [B, H, T, S] (True = attend), e.g. from
+        `nnx.make_attention_mask` / `nnx.make_causal_mask`; None for no mask.
+      causal: query t may attend to keys s <= t + offset.
+      offset: absolute position of the first query (a KV cache's index); a traced scalar is fine.
+    Returns:
+      The combined boolean mask, broadcast to at least [B, 1, T, S], or None when nothing is masked.
+    """
     allowed = None
     if causal:
-        allowed = jnp.tril(jnp.ones((t, s), jnp.bool_))[None, None, :, :]
-    if mask_BxS is not None:
-        keys = mask_BxS.astype(jnp.bool_)[:, None, None, :]
-        allowed = keys if allowed is None else jnp.logical_and(allowed, keys)
+        t_pos = jnp.arange(t)[:, None] + offset
+        allowed = (jnp.arange(s)[None, :] <= t_pos)[None, None, :, :]
+    if mask is not None:
+        m = jnp.asarray(mask).astype(jnp.bool_)
+        if m.ndim != 4:
+            raise ValueError(f"mask has shape {m.shape}; expected [batch, heads | 1, T={t}, S={s}]")
+        allowed = m if allowed is None else jnp.logical_and(allowed, m)
     if allowed is not None:
-        allowed = jnp.broadcast_to(allowed, (batch, 1, t, s))
+        allowed = jnp.broadcast_to(allowed, (batch, max(allowed.shape[1], 1), t, s))
     return allowed
 
 
+def padding_mask(mask_BxS: jnp.ndarray) -> jnp.ndarray:
+    """[B, S] key-padding mask (nonzero = real token) -> Flax-style boolean [B, 1, 1, S]."""
+    return (jnp.asarray(mask_BxS) != 0)[:, None, None, :]
+
+
 def attention_weights(
-    q_BxTxHxK: jnp.ndarray, k_BxSxHxK: jnp.ndarray, allowed_Bx1xTxS: jnp.ndarray | None
+    q_BxTxHxK: jnp.ndarray, k_BxSxHxK: jnp.ndarray, allowed_BxHxTxS: jnp.ndarray | None
 ) -> jnp.ndarray:
     """A = softmax(Q K^T / sqrt(K)) per head, float32 [B, H, T, S]; rows sum to one over allowed keys."""
     return _attention_weights_bh(
-        q_BxTxHxK.transpose(0, 2, 1, 3), k_BxSxHxK.transpose(0, 2, 1, 3), allowed_Bx1xTxS
+        q_BxTxHxK.transpose(0, 2, 1, 3), k_BxSxHxK.transpose(0, 2, 1, 3), allowed_BxHxTxS
     )
 
 
 def _attention_weights_bh(
-    q_BxHxTxK: jnp.ndarray, k_BxHxSxK: jnp.ndarray, allowed_Bx1xTxS: jnp.ndarray | None
+    q_BxHxTxK: jnp.ndarray, k_BxHxSxK: jnp.ndarray, allowed_BxHxTxS: jnp.ndarray | None
 ) -> jnp.ndarray:
     """`attention_weights` for heads-major inputs [B, H, T, K]."""
     scale = 1.0 / jnp.sqrt(jnp.float32(q_BxHxTxK.shape[-1]))
     logits = jnp.einsum("BHTK,BHSK->BHTS", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32)
     logits = logits * scale
-    if allowed_Bx1xTxS is not None:
-        logits = jnp.where(allowed_Bx1xTxS, logits, _NEG)
+    if allowed_BxHxTxS is not None:
+        logits = jnp.where(allowed_BxHxTxS, logits, _NEG)
     return jax.nn.softmax(logits, axis=-1)
 
 
 def attn_scale(
-    att_BxHxTxS: jnp.ndarray, w_H: jnp.ndarray, allowed_Bx1xTxS: jnp.ndarray | None
+    att_BxHxTxS: jnp.ndarray, w_H: jnp.ndarray, allowed_BxHxTxS: jnp.ndarray | None
 ) -> jnp.ndarray:
     """AttnScale (Wang et al. 2022): A' = A_DC + (1 + w_h)(A - A_DC), A_DC the uniform attention.
 
-    A_DC = 1 1^T / n for bidirectional attention; with a causal or padding mask we use the uniform
+    A_DC = 1 1^T / n for unmasked attention; with a causal or padding mask we use the uniform
     distribution over each query's allowed keys (our generalisation; it keeps A' causal)."""
-    if allowed_Bx1xTxS is None:
+    if allowed_BxHxTxS is None:
         a_dc = jnp.full_like(att_BxHxTxS, 1.0 / att_BxHxTxS.shape[-1])
     else:
-        allowed = allowed_Bx1xTxS.astype(jnp.float32)
+        allowed = allowed_BxHxTxS.astype(jnp.float32)
         a_dc = allowed / jnp.maximum(jnp.sum(allowed, axis=-1, keepdims=True), 1.0)
     return a_dc + (1.0 + w_H.astype(jnp.float32))[None, :, None, None] * (att_BxHxTxS - a_dc)
 
@@ -126,6 +150,66 @@ def feat_scale(
     return out.astype(y_BxTxD.dtype)
 
 
+def project_heads(
+    x_BxTxD: jnp.ndarray,
+    w_DxE: jnp.ndarray,
+    b_E: jnp.ndarray | None,
+    *,
+    num_heads: int,
+    dtype: jnp.dtype,
+    fast_backward: bool = True,
+) -> jnp.ndarray:
+    """x W (+ b) split into heads: heads-major [B, H, T, K] (E = H K), computed in `dtype`.
+
+    Heads-major so both attention matmuls are plain batched matmuls over (B, H): contracting the
+    [B, T, H, K] layout directly made XLA:CPU run them ~5x below its matmul rate. (One fused [D, 3D]
+    Q/K/V matmul was tried too: its forward is a little faster, its backward ~2x slower on XLA:CPU.)
+    """
+    b, t, _ = x_BxTxD.shape
+    matmul = dense if fast_backward else jnp.matmul
+    y_BxTxE = matmul(x_BxTxD.astype(dtype), w_DxE.astype(dtype))
+    if b_E is not None:
+        y_BxTxE = y_BxTxE + b_E.astype(dtype)[None, None, :]
+    return y_BxTxE.reshape(b, t, num_heads, -1).transpose(0, 2, 1, 3)
+
+
+def attend(
+    q_BxHxTxK: jnp.ndarray,
+    k_BxHxSxK: jnp.ndarray,
+    v_BxHxSxK: jnp.ndarray,
+    *,
+    allowed: jnp.ndarray | None = None,
+    attn_scale_H: jnp.ndarray | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+    broadcast_dropout: bool = True,
+    dtype: jnp.dtype | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """concat_h(A_h V_h): the attention core. Returns (z_BxTxD, att_BxHxTxS), att before dropout.
+
+    Args:
+      q_BxHxTxK, k_BxHxSxK, v_BxHxSxK: heads-major queries, keys and values.
+      allowed: boolean mask broadcastable to [B, H, T, S] (`allowed_keys`), None for none.
+      attn_scale_H: AttnScale coefficients, or None.
+      dropout_rate, dropout_key: attention dropout (as in Flax: the weights are multiplied by
+        keep / (1 - rate)); no dropout when the key is None or the rate 0.
+      broadcast_dropout: one dropout pattern for the whole batch and all heads (Flax's default).
+      dtype: compute dtype of A V (default: the values' dtype); logits and softmax are float32.
+    """
+    b, h, t, _ = q_BxHxTxK.shape
+    dtype = dtype or v_BxHxSxK.dtype
+    att_BxHxTxS = _attention_weights_bh(q_BxHxTxK, k_BxHxSxK, allowed)
+    if attn_scale_H is not None:
+        att_BxHxTxS = attn_scale(att_BxHxTxS, attn_scale_H, allowed)
+    att_used = att_BxHxTxS
+    if dropout_key is not None and dropout_rate > 0.0:
+        shape = (1, 1) + att_BxHxTxS.shape[2:] if broadcast_dropout else att_BxHxTxS.shape
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, shape)
+        att_used = att_BxHxTxS * (keep.astype(jnp.float32) / (1.0 - dropout_rate))
+    z_BxHxTxK = jnp.einsum("BHTS,BHSK->BHTK", att_used.astype(dtype), v_BxHxSxK.astype(dtype))
+    return z_BxHxTxK.transpose(0, 2, 1, 3).reshape(b, t, -1), att_BxHxTxS
+
+
 def multihead_attention(
     x_BxTxD: jnp.ndarray,
     w_q_DxD: jnp.ndarray,
@@ -134,69 +218,66 @@ def multihead_attention(
     w_o_DxD: jnp.ndarray,
     *,
     num_heads: int,
+    inputs_k: jnp.ndarray | None = None,
+    inputs_v: jnp.ndarray | None = None,
     b_q_D: jnp.ndarray | None = None,
     b_k_D: jnp.ndarray | None = None,
     b_v_D: jnp.ndarray | None = None,
     b_o_D: jnp.ndarray | None = None,
-    mask_BxS: jnp.ndarray | None = None,
+    mask: jnp.ndarray | None = None,
     causal: bool = False,
     attn_scale_H: jnp.ndarray | None = None,
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
+    broadcast_dropout: bool = True,
     dtype: jnp.dtype | None = None,
     fast_backward: bool = True,
-    v_in_BxTxD: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Self-attention y = concat_h(A_h X W_V[:, h]) W_O (+ biases). Returns (y_BxTxD, att_BxHxTxT).
+    """y = concat_h(A_h X_v W_V[:, h]) W_O (+ biases), A_h from X W_Q and X_k W_K. Returns (y_BxTxD,
+    att_BxHxTxS).
 
-    v_in_BxTxD: what the value projection reads (default x_BxTxD): a pre-LN block with
-    value_norm="rms" passes x / rms(x) here while Q and K read LN(x).
-
-    Matmuls run in `dtype` (default: x's dtype); attention logits and softmax in float32.
-    fast_backward: the four projections use `dense` (a backward pass laid out for XLA:CPU; reverse mode
-    only); False uses plain matmuls, which forward-mode autodiff (jax.jvp, jax.jacfwd) can go through.
+    Args:
+      x_BxTxD: the queries' input (and the keys' and values' unless given).
+      w_q_DxD, w_k_DxD, w_v_DxD, w_o_DxD: projections (H = W_V W_O for self-attention).
+      num_heads: heads; must divide D.
+      inputs_k: [B, S, D] input of the keys (default x); inputs_v: input of the values (default inputs_k).
+        A pre-LN block with value_norm="rms" passes x / rms(x) here while Q and K read LN(x).
+      b_*: optional biases.
+      mask: Flax-style boolean mask broadcastable to [B, H, T, S]; causal: only keys s <= t.
+      attn_scale_H, dropout_rate, dropout_key, broadcast_dropout: see `attend`.
+      dtype: compute dtype of the matmuls (default x's); logits and softmax run in float32.
+      fast_backward: projections use `dense` (a backward pass laid out for XLA:CPU; reverse mode only);
+        False uses plain matmuls, which forward-mode autodiff (jax.jvp, jax.jacfwd) can go through.
     """
+    inputs_k = x_BxTxD if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
     b, t, d = x_BxTxD.shape
+    s = inputs_k.shape[1]
     if d % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide the width D={d}")
+    if inputs_k.shape != (b, s, d) or inputs_v.shape != (b, s, d):
+        raise ValueError(
+            f"keys' and values' inputs have shapes {inputs_k.shape} and {inputs_v.shape}; expected "
+            f"[B={b}, S, D={d}] with the same S"
+        )
     for name, w in (("w_q", w_q_DxD), ("w_k", w_k_DxD), ("w_v", w_v_DxD), ("w_o", w_o_DxD)):
         if w.shape != (d, d):
             raise ValueError(f"{name} has shape {w.shape}; expected ({d}, {d}) for input width {d}")
-    if mask_BxS is not None and mask_BxS.shape != (b, t):
-        raise ValueError(f"mask has shape {mask_BxS.shape}; expected (B, T) = {(b, t)}")
     dtype = dtype or x_BxTxD.dtype
-    k_dim = d // num_heads
-    x = x_BxTxD.astype(dtype)
-    x_v = x if v_in_BxTxD is None else v_in_BxTxD.astype(dtype)
-    if x_v.shape != x.shape:
-        raise ValueError(f"v_in has shape {x_v.shape}; expected the query input's {x.shape}")
+    proj = dict(num_heads=num_heads, dtype=dtype, fast_backward=fast_backward)
+    q = project_heads(x_BxTxD, w_q_DxD, b_q_D, **proj)
+    k = project_heads(inputs_k, w_k_DxD, b_k_D, **proj)
+    v = project_heads(inputs_v, w_v_DxD, b_v_D, **proj)
+    allowed = allowed_keys(b, t, s, mask=mask, causal=causal)
+    z_BxTxD, att = attend(
+        q, k, v, allowed=allowed, attn_scale_H=attn_scale_H, dropout_rate=dropout_rate,
+        dropout_key=dropout_key, broadcast_dropout=broadcast_dropout, dtype=dtype,
+    )  # fmt: skip
     matmul = dense if fast_backward else jnp.matmul
-
-    def project(w_DxD, b_D, x=x):  # -> heads-major [B, H, T, K]
-        y_BxTxD = matmul(x, w_DxD.astype(dtype))
-        if b_D is not None:
-            y_BxTxD = y_BxTxD + b_D.astype(dtype)[None, None, :]
-        return y_BxTxD.reshape(b, t, num_heads, k_dim).transpose(0, 2, 1, 3)
-
-    # Heads-major layout, so both attention matmuls are plain batched matmuls over (B, H): contracting the
-    # [B, T, H, K] layout directly made XLA:CPU run them ~5x below its matmul rate. (One fused [D, 3D]
-    # Q/K/V matmul was tried too: its forward is a little faster, its backward ~2x slower on XLA:CPU.)
-    q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = (
-        project(w_q_DxD, b_q_D),
-        project(w_k_DxD, b_k_D),
-        project(w_v_DxD, b_v_D, x_v),
-    )
-    allowed = allowed_keys(b, t, t, mask_BxS=mask_BxS, causal=causal)
-    att_BxHxTxS = _attention_weights_bh(q_BxHxTxK, k_BxHxSxK, allowed)
-    if attn_scale_H is not None:
-        att_BxHxTxS = attn_scale(att_BxHxTxS, attn_scale_H, allowed)
-    att_used = dropout(att_BxHxTxS, dropout_rate, dropout_key).astype(dtype)
-    z_BxHxTxK = jnp.einsum("BHTS,BHSK->BHTK", att_used, v_BxHxSxK)
-    z_BxTxD = z_BxHxTxK.transpose(0, 2, 1, 3).reshape(b, t, d)
     y_BxTxD = matmul(z_BxTxD, w_o_DxD.astype(dtype))
     if b_o_D is not None:
         y_BxTxD = y_BxTxD + b_o_D.astype(dtype)[None, None, :]
-    return y_BxTxD, att_BxHxTxS
+    return y_BxTxD, att
 
 
 def mlp(

@@ -14,6 +14,8 @@ from typing import Any, Literal
 MODES = ("smooth", "sharpen", "neutral", "free")
 BASES = ("orthogonal", "general")
 BOUNDS = ("clip", "smooth")
+INITS = ("uniform", "matched")
+PARAM_SCALES = ("width", "unit")
 RESIDUALS = ("pre_ln", "post_ln", "deepnorm")
 LN_GAINS = ("free", "positive")
 VALUE_NORMS = ("rms", "ln")
@@ -35,7 +37,7 @@ def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Spectrum:
-    """The constraint on the eigenvalues of H = W_V W_O (PAPER.md section 2).
+    """The constraint on the eigenvalues of H = W_V W_O, and how they are parameterised (docs/theory.md).
 
     mode:  "smooth"  eigenvalues in (0, hi]   -> the DC (all-tokens-equal) mode dominates: smoothing.
            "sharpen" eigenvalues in [lo, 0)   -> the paper's sufficient condition against oversmoothing.
@@ -52,9 +54,20 @@ class Spectrum:
     bound: "clip"   lambda = clip(+-psi^2, lo, hi) (the paper; zero gradient when saturated).
            "smooth" lambda = lo + (hi - lo) sigmoid(psi): differentiable everywhere, same interval.
 
+    init:  "uniform" eigenvalues uniform over the central 90% of the interval (none starts on a clip end).
+           "matched" |lambda| distributed as the moduli of the unconstrained baseline's eigenvalues at init
+                     (xavier W_V, W_O: uniform on [0, 1] times DeepNorm's beta^2), with the mode's sign
+                     (random signs for neutral / free), clipped into the interval.
+    init_scale: multiplies the initial eigenvalues (before clipping into the interval); < 1 starts a deep
+           smooth (or sharpen) stack closer to the identity (docs/design.md reports depth-24 numbers).
+    param_scale: "width" every spectral parameter has the entry scale of the baseline matrices it replaces:
+                         theta ~ N(0, 1/D) and lambda = f(sqrt(D) psi), so one Adam step of size lr moves
+                         H at about the baseline's relative rate (measured: experiments/dynamics.py).
+                 "unit"  theta ~ N(0, 1), lambda = f(psi) (the paper authors' parameterisation).
+
     Ranges refer to the effective update of a residual branch. With DeepNorm the skip path is scaled by
     alpha, LN(alpha x + f(x)) = LN(x + f(x)/alpha), so the library composes H with eigenvalues in
-    [alpha lo, alpha hi] and H/alpha satisfies the stated range (PAPER.md section 1, our choice).
+    [alpha lo, alpha hi] and H/alpha satisfies the stated range (docs/theory.md, our choice).
     """
 
     mode: Literal["smooth", "sharpen", "neutral", "free"] = "sharpen"
@@ -64,11 +77,20 @@ class Spectrum:
     hi: float | None = None
     max_cond: float = 10.0
     margin: float = 1e-6
+    init: Literal["uniform", "matched"] = "uniform"
+    init_scale: float = 1.0
+    param_scale: Literal["width", "unit"] = "width"
 
     def __post_init__(self):
         _check_choice("spectrum.mode", self.mode, MODES)
         _check_choice("spectrum.basis", self.basis, BASES)
         _check_choice("spectrum.bound", self.bound, BOUNDS)
+        _check_choice("spectrum.init", self.init, INITS)
+        _check_choice("spectrum.param_scale", self.param_scale, PARAM_SCALES)
+        if not (isinstance(self.init_scale, int | float) and math.isfinite(self.init_scale)
+                and self.init_scale > 0):  # fmt: skip
+            raise ValueError(f"spectrum.init_scale={self.init_scale!r} must be a finite number > 0")
+        object.__setattr__(self, "init_scale", float(self.init_scale))
         if self.mode == "free":
             if self.lo not in (None, -math.inf) or self.hi not in (None, math.inf):
                 raise ValueError(
@@ -164,7 +186,10 @@ class ModelConfig:
     scan: bool = True  # False: a Python loop over layers (a test oracle; compile time grows with depth)
     dropout: float = 0.0  # on attention probabilities and both branch outputs
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype; params stay float32
-    qkv_bias: bool = True
+    qkv_bias: bool = True  # biases on the Q and K projections
+    # Biases on the V and O projections, for every variant alike: a bias adds the same vector to every
+    # token (a DC term outside the spectral constraint), so they are off by default (docs/design.md).
+    vo_bias: bool = False
     branch_scale: Literal["none", "attnscale", "featscale"] = "none"  # Wang et al. 2022 baselines
     ln_eps: float = 1e-6
     # Projections and MLP use `jaxsmooth.attention.dense`, whose backward pass is laid out for XLA:CPU

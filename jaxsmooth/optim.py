@@ -3,17 +3,21 @@
     tx = chain(clip_by_global_norm(clip_norm),
                adamw(schedule, b1, b2, eps, weight_decay, mask=<precomputed bool tree>))
 
-Weight decay is decoupled (AdamW: p <- p - lr * (adam_update + wd * p)) and applies to *matrices* only:
-the plain `nnx.Param` weights whose per-layer shape is 2-D (W_Q, W_K, the baseline's W_V / W_O, both MLP
-matrices, the patch / token embedding and the head). It never applies to
-  - EigVals (psi): decay would pull every eigenvalue towards the middle of its interval (or to 0 with
-    clip), i.e. it would silently choose a spectrum;
-  - EigBasis (theta): V = Q of QR(theta) is invariant to the scale of theta, so decay only shrinks theta
-    towards the ill-conditioned origin without regularising anything;
-  - LNGain, BranchScale, biases: vectors whose scale is meaningful (LN gain signs set smoothing,
-    PAPER.md section 1), as is standard;
-  - positional embeddings and the [CLS] token ([1, T, D] / [1, 1, D]): they are not matrices that map
-    features, and decaying them only erases position information early in training.
+Weight decay is decoupled (AdamW: p <- p - lr * (adam_update + wd * p)) and applies to *matrices*: the
+parameters whose logical rank is 2 (their sharding names without the stacked "layers" axis; the array's
+rank for variables that carry no names): W_Q, W_K, the baseline's W_V / W_O, both MLP matrices, the patch /
+token embedding, the head, and the spectral basis theta. A variable's `weight_decay` metadata overrides the
+rule. The choices for the spectral parameters treat them like the matrices they replace, so the
+comparison with the baseline is fair (docs/design.md, "Matched learning dynamics"):
+  - EigBasis (theta) is decayed like W_V: V = Q of QR(theta) does not depend on theta's scale, but the
+    scale sets how far one Adam step turns V, so theta follows the same norm trajectory as the baseline's
+    W_V when both are decayed alike;
+  - EigVals (psi) carry `weight_decay=True` with the clip bound: decaying psi pulls lambda towards 0 at
+    (1 - lr wd)^2 per step for lambda = +-(c psi)^2, as decaying W_V and W_O pulls H = W_V W_O towards 0;
+    with the sigmoid bound psi = 0 is the middle of the interval, not 0, so they are not decayed.
+Never decayed: LNGain, BranchScale, biases and other vectors (their scale is meaningful: LN gain signs set
+smoothing, docs/theory.md), positional embeddings and the [CLS] token ([1, T, D] / [1, 1, D]: not maps
+between features, and decaying them only erases position information early in training).
 The mask is a precomputed *tree* of bools, not a function: a mask function inside
 `optax.inject_hyperparams` is silently treated as a hyperparameter and disables decay (STYLE.md point 11).
 
@@ -31,14 +35,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxsmooth.nnx.variables import BranchScale, EigBasis, EigVals, LNGain
+from jaxsmooth.nnx.variables import BranchScale, LNGain
 
 SCHEDULES = ("cosine", "linear", "constant")
 # Variable types never decayed, whatever their shape (see the module docstring for why).
-NO_DECAY_TYPES = (EigVals, EigBasis, LNGain, BranchScale)
-# Name of the module attribute holding a layer stack built by nnx.vmap: its variables carry a leading
-# [L] axis, so their per-layer rank is ndim - 1 (jaxsmooth.nnx.transformer.Transformer.blocks).
-STACK_KEY = "blocks"
+NO_DECAY_TYPES = (LNGain, BranchScale)
+# The logical axis name nnx.vmap adds to the variables of a layer stack (jaxsmooth.nnx.Transformer builds
+# its blocks with transform_metadata={nnx.PARTITION_NAME: STACK_AXIS}); it does not count in the rank.
+STACK_AXIS = "layers"
 
 
 def make_schedule(opt: Mapping[str, Any]) -> Callable[[jnp.ndarray], jnp.ndarray]:
@@ -61,18 +65,24 @@ def make_schedule(opt: Mapping[str, Any]) -> Callable[[jnp.ndarray], jnp.ndarray
     return optax.join_schedules([warm, rest], [warmup])
 
 
-def decays(path: tuple, variable: nnx.Variable) -> bool:
-    """Whether weight decay applies to one variable (see the module docstring)."""
+def decays(variable: nnx.Variable) -> bool:
+    """Whether weight decay applies to one variable: by its `weight_decay` metadata if it has one, else
+    by type and logical rank (see the module docstring)."""
+    meta = variable.get_metadata()
+    if "weight_decay" in meta:
+        return bool(meta["weight_decay"])
     if isinstance(variable, NO_DECAY_TYPES) or not isinstance(variable, nnx.Param):
         return False
+    names = meta.get("out_sharding")
+    if names:  # logical axes, e.g. ("layers", "embed", "heads"): a matrix of a layer stack
+        return sum(n != STACK_AXIS for n in names) == 2
     # get_value(), not v[...]: the mask is also built from abstract (ShapeDtypeStruct) params.
-    per_layer_ndim = variable.get_value().ndim - (STACK_KEY in path)
-    return per_layer_ndim == 2
+    return variable.get_value().ndim == 2
 
 
 def weight_decay_mask(params: nnx.State) -> dict:
     """Bool tree (pure dict, same structure as nnx.to_pure_dict(params)): True where weight decay applies."""
-    flat = [(path, decays(path, v)) for path, v in nnx.to_flat_state(params)]
+    flat = [(path, decays(v)) for path, v in nnx.to_flat_state(params)]
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 

@@ -1,4 +1,4 @@
-"""The spectral reparameterisation H = W_V W_O = V diag(lambda) V^-1 as pure functions (PAPER.md section 2).
+"""The spectral reparameterisation H = W_V W_O = V diag(lambda) V^-1 as pure functions (docs/theory.md).
 
 Shapes: D = model width. `theta` parameterises the eigenvector matrix V, `psi_D` the eigenvalues.
     basis="orthogonal": theta is a [D, D] array; V = Q of QR(theta), V^-1 = V^T, H symmetric.
@@ -8,6 +8,9 @@ Shapes: D = model width. `theta` parameterises the eigenvector matrix V, `psi_D`
                         inverse is ever computed, whatever the parameters.
     W_V := V diag(lambda), W_O := V^-1, so W_V W_O = H and, for multi-head attention, head h uses columns
     h*K:(h+1)*K of W_V and the same rows of W_O: the per-head maps sum to H.
+    lambda = f(c psi) with c = sqrt(D) for Spectrum.param_scale="width" (the default) and c = 1 for "unit":
+    with "width", psi and theta have the entry scale (1 / sqrt(D)) of the baseline matrices they replace,
+    so one Adam step moves H at about the baseline's relative rate (docs/design.md).
 
 Everything is computed in float32 (callers cast the result to their compute dtype). For any finite
 parameters the eigenvalues lie in Spectrum.closed_interval(alpha) and gradients are finite: QR is
@@ -103,14 +106,28 @@ def _orthogonal_jvp(primals, tangents):
     return q, q @ (low - low.T)
 
 
+def psi_unit(spectrum: Spectrum, d: int) -> float:
+    """c in lambda = f(c psi): sqrt(D) for param_scale="width", 1 for "unit"."""
+    return math.sqrt(d) if spectrum.param_scale == "width" else 1.0
+
+
 def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> jnp.ndarray:
     """lambda_D of H from the free vector psi_D; inside spectrum.closed_interval(alpha) for any finite psi.
 
-    clip:   sharpen -psi^2, smooth +psi^2 (the paper's "minus"/"plus"), neutral psi; clipped to [a, b].
-    smooth: alpha (lo + (hi - lo) sigmoid(psi)); also clipped, since sigmoid saturates to 0/1 in float32.
-    free:   psi itself (eigen-parameterised but unconstrained).
+    With p = c psi (c = `psi_unit`):
+    clip:   sharpen -p^2, smooth +p^2 (the paper's "minus"/"plus"), neutral p; clipped to [a, b].
+    smooth: alpha (lo + (hi - lo) sigmoid(p)); also clipped, since sigmoid saturates to 0/1 in float32.
+    free:   p itself (eigen-parameterised but unconstrained).
+
+    Args:
+      psi_D: the free parameters [D] (any finite values).
+      spectrum: the constraint.
+      alpha: DeepNorm's residual scale; the interval is alpha * [lo, hi].
+    Returns:
+      lambda_D, float32.
     """
     psi = jnp.asarray(psi_D, jnp.float32)
+    psi = psi * psi_unit(spectrum, psi.shape[-1])
     if spectrum.mode == "free":
         return psi
     a, b = spectrum.closed_interval(alpha)
@@ -130,17 +147,18 @@ def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> j
 def eigenvalues_inverse(lam_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> jnp.ndarray:
     """A psi_D with eigenvalues(psi) == lam_D (after clipping lam_D into the allowed interval)."""
     lam = jnp.asarray(lam_D, jnp.float32)
+    unit = psi_unit(spectrum, lam.shape[-1])
     if spectrum.mode == "free":
-        return lam
+        return lam / unit
     a, b = spectrum.closed_interval(alpha)
     lam = jnp.clip(lam, a, b)
     if spectrum.bound == "smooth":
         p = (lam / alpha - spectrum.lo) / (spectrum.hi - spectrum.lo)
         p = jnp.clip(p, 1e-6, 1 - 1e-6)
-        return jnp.log(p) - jnp.log1p(-p)
+        return (jnp.log(p) - jnp.log1p(-p)) / unit
     if spectrum.mode in ("sharpen", "smooth"):
-        return jnp.sqrt(jnp.abs(lam))
-    return lam
+        return jnp.sqrt(jnp.abs(lam)) / unit
+    return lam / unit
 
 
 def basis(theta: Theta, spectrum: Spectrum) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -180,31 +198,55 @@ def compose(theta: Theta, psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float =
 def init(
     key: jax.Array, d: int, spectrum: Spectrum, *, alpha: float = 1.0, scale: float = 1.0
 ) -> tuple[Theta, jnp.ndarray]:
-    """Initial (theta, psi_D). Our choice (the paper gives none):
+    """Initial (theta, psi_D). Our choices (the paper gives none; docs/design.md):
 
-    - theta ~ N(0, 1): Q of its QR is Haar-distributed orthogonal. General basis: u, w ~ N(0, 1), s = 0,
-      so V starts orthogonal and the optimiser may skew it up to cond(V) <= max_cond.
-    - eigenvalues u ~ Uniform over the central 90% of the mode's interval ([-1, 1] for "free"), so no
-      eigenvalue starts at (or clipped to) an end point where the clip bound has no gradient; times
-      `scale`. DeepNorm passes
-      scale = beta^2: beta multiplies W_V and W_O at init, so it multiplies H = W_V W_O, hence lambda,
-      by beta^2, exactly as it does for the unconstrained model; the range constraint is untouched.
+    - theta: param_scale="width": a Haar-random orthogonal matrix (entries of size 1 / sqrt(D), the
+      baseline matrices' scale; QR perfectly conditioned); "unit": theta ~ N(0, 1) (the paper authors'
+      choice). Q of its QR is Haar-distributed either way; the scale sets how far one optimiser step turns
+      it. General basis: u, w drawn the same way, s = 0, so V starts orthogonal and the optimiser may skew
+      it up to cond(V) <= max_cond.
+    - eigenvalues (`Spectrum.init`): "uniform" over the central 90% of the mode's interval ([-1, 1] for
+      "free"), so none starts at (or clipped to) an end point where the clip has no gradient; "matched":
+      |lambda| ~ Uniform(0, 1), the law of |eig(W_V W_O)| for the baseline's xavier W_V, W_O at init,
+      with the mode's sign (random signs for neutral and free), then clipped into the interval. Both times
+      `Spectrum.init_scale` and `scale`. DeepNorm passes scale = beta^2: beta multiplies W_V and W_O at
+      init, so it multiplies H = W_V W_O, hence lambda, by beta^2, exactly as for the unconstrained model.
+
+    Args:
+      key: PRNG key.
+      d: width D.
+      spectrum: the constraint and its init options.
+      alpha: DeepNorm's residual scale (the interval is alpha * [lo, hi]).
+      scale: extra factor on the initial eigenvalues (DeepNorm's beta^2).
+    Returns:
+      (theta, psi_D): theta a [D, D] array (orthogonal basis) or a dict (general basis), psi_D [D].
     """
     if not (isinstance(d, int) and d >= 1):
         raise ValueError(f"width d={d!r} must be a positive integer")
-    k_theta, k_w, k_lam = jax.random.split(key, 3)
+    k_theta, k_w, k_lam, k_sign = jax.random.split(key, 4)
     lo, hi = (-1.0, 1.0) if spectrum.mode == "free" else (spectrum.lo, spectrum.hi)
-    pad = 0.05 * (hi - lo)
-    lam_D = scale * jax.random.uniform(k_lam, (d,), jnp.float32, lo + pad, hi - pad)
+    if spectrum.init == "uniform":
+        pad = 0.05 * (hi - lo)
+        lam_D = jax.random.uniform(k_lam, (d,), jnp.float32, lo + pad, hi - pad)
+    else:  # matched: baseline moduli, the mode's sign
+        mod_D = jax.random.uniform(k_lam, (d,), jnp.float32, 0.0, 1.0)
+        if spectrum.mode in ("sharpen", "smooth"):
+            sign_D = jnp.full((d,), -1.0 if spectrum.mode == "sharpen" else 1.0, jnp.float32)
+        else:
+            sign_D = jnp.where(jax.random.bernoulli(k_sign, 0.5, (d,)), 1.0, -1.0).astype(jnp.float32)
+        lam_D = sign_D * mod_D
+    lam_D = lam_D * (spectrum.init_scale * scale)
     psi_D = eigenvalues_inverse(lam_D, spectrum, alpha)
-    u = jax.random.normal(k_theta, (d, d), jnp.float32)
+    if spectrum.param_scale == "width":
+        # A Haar-orthogonal theta: entries of size 1 / sqrt(D) like the baseline's, and QR perfectly
+        # conditioned (R = I). A square Gaussian theta's smallest singular value is ~1 / D of its largest,
+        # so the last columns of Q would turn many times faster per optimiser step than the rest.
+        draw = lambda key: orthogonal(jax.random.normal(key, (d, d), jnp.float32))
+    else:  # the paper authors' Gaussian theta
+        draw = lambda key: jax.random.normal(key, (d, d), jnp.float32)
     if spectrum.basis == "orthogonal":
-        return u, psi_D
-    return {
-        "u": u,
-        "w": jax.random.normal(k_w, (d, d), jnp.float32),
-        "s": jnp.zeros((d,), jnp.float32),
-    }, psi_D
+        return draw(k_theta), psi_D
+    return {"u": draw(k_theta), "w": draw(k_w), "s": jnp.zeros((d,), jnp.float32)}, psi_D
 
 
 def _check_width(v_DxD: jnp.ndarray, lam_D: jnp.ndarray) -> None:

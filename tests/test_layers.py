@@ -25,7 +25,7 @@ def _softmax(z):
     return e / e.sum(-1, keepdims=True)
 
 
-def _dense_reference(m, x, causal=False):
+def _dense_reference(m, x, causal=False, key_mask=None):
     """y = sum_h A_h X H_h: per-head attention times the per-head value-output maps, in float64."""
     x = np.asarray(x, np.float64)
     q = x @ np.asarray(m.w_q[...], np.float64) + np.asarray(m.b_q[...], np.float64)
@@ -40,25 +40,33 @@ def _dense_reference(m, x, causal=False):
         )
         if causal:
             logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+        if key_mask is not None:
+            logits = np.where(np.asarray(key_mask, bool)[:, None, :], logits, -np.inf)
         y += _softmax(logits) @ x @ maps[h]
     return y
 
 
+def _spectral(spectrum=SPECS[0], **kw):
+    return SpectralAttention(H, D, spectrum=spectrum, rngs=nnx.Rngs(0), **kw)
+
+
 @pytest.mark.parametrize("spectrum", SPECS, ids=lambda s: f"{s.mode}-{s.basis}-{s.bound}")
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", ["none", "is_causal", "mask"])
 def test_spectral_attention_equals_dense_reference(spectrum, causal):
-    m = SpectralAttention(D, H, spectrum, causal=causal, rngs=nnx.Rngs(0))
+    m = _spectral(spectrum)
     x = jax.random.normal(jax.random.key(1), (B, T, D))
-    np.testing.assert_allclose(np.asarray(m(x)), _dense_reference(m, x, causal), atol=2e-5, rtol=1e-4)
+    kw = {"is_causal": True} if causal == "is_causal" else {}
+    if causal == "mask":
+        kw["mask"] = nnx.make_causal_mask(jnp.ones((B, T)))
+    got = np.asarray(m(x, **kw))
+    np.testing.assert_allclose(got, _dense_reference(m, x, causal != "none"), atol=2e-5, rtol=1e-4)
     # eigenvalues() is exact: it matches float64 eigenvalues of effective_h()
     ev = np.linalg.eigvals(np.asarray(m.effective_h(), np.float64))
     np.testing.assert_allclose(np.sort(ev.real), np.sort(np.asarray(m.eigenvalues())), atol=1e-4)
 
 
 def test_baseline_attention_equals_dense_reference():
-    m = Attention(D, H, rngs=nnx.Rngs(0))
-    m.b_v[...] = jnp.zeros(D)  # the reference has no V/O biases
-    m.b_o[...] = jnp.zeros(D)
+    m = Attention(H, D, value_bias=False, rngs=nnx.Rngs(0))  # the reference has no V/O biases
     x = jax.random.normal(jax.random.key(1), (B, T, D))
     np.testing.assert_allclose(np.asarray(m(x)), _dense_reference(m, x), atol=2e-5, rtol=1e-4)
     ev = m.eigenvalues()
@@ -66,31 +74,31 @@ def test_baseline_attention_equals_dense_reference():
 
 
 def test_causal_attention_does_not_look_ahead():
-    m = SpectralAttention(D, H, SPECS[0], causal=True, rngs=nnx.Rngs(0))
+    m = _spectral()
     x = jax.random.normal(jax.random.key(1), (1, T, D))
     # d y_t / d x_s == 0 for s > t (nanodo's causality-by-gradients check)
-    jac = jax.jacobian(lambda x: m(x)[0, 2].sum())(x)
+    jac = jax.jacobian(lambda x: m(x, is_causal=True)[0, 2].sum())(x)
     assert np.all(np.asarray(jac[0, 3:]) == 0) and np.any(np.asarray(jac[0, :3]) != 0)
 
 
 def test_padding_mask_isolates_real_tokens():
-    m = SpectralAttention(D, H, SPECS[1], rngs=nnx.Rngs(0))
+    m = _spectral(SPECS[1])
     x = jax.random.normal(jax.random.key(1), (1, T, D))
-    mask = jnp.asarray([[1, 1, 1, 1, 0, 0]])
-    y_masked = m(x, mask_BxT=mask)
-    y_alone = m.__class__.__call__(m, x[:, :4])
-    np.testing.assert_allclose(y_masked[:, :4], y_alone, atol=1e-5)
-    _, att = m(x, mask_BxT=mask, return_weights=True)
-    np.testing.assert_allclose(np.asarray(att).sum(-1), 1.0, atol=1e-5)
-    assert float(jnp.max(att[..., 4:])) == 0.0
+    keep = jnp.asarray([[1, 1, 1, 1, 0, 0]])
+    mask = nnx.make_attention_mask(keep, keep)  # [1, 1, T, T], Flax's helper
+    y_masked = m(x, mask=mask)
+    np.testing.assert_allclose(y_masked[:, :4], m(x[:, :4]), atol=1e-5)
+    _, att = m.attend(x, mask=mask)
+    np.testing.assert_allclose(np.asarray(att[:, :, :4]).sum(-1), 1.0, atol=1e-5)
+    assert float(jnp.max(att[:, :, :4, 4:])) == 0.0
 
 
 @pytest.mark.parametrize("spectrum", SPECS, ids=lambda s: f"{s.mode}-{s.basis}")
 @pytest.mark.parametrize("branch_scale", ["none", "attnscale", "featscale"])
 def test_linen_matches_nnx(spectrum, branch_scale):
-    m = SpectralAttention(D, H, spectrum, branch_scale=branch_scale, causal=True, rngs=nnx.Rngs(0))
+    m = _spectral(spectrum, branch_scale=branch_scale)
     params = jlinen.nnx_to_linen_params(m)
-    layer = jlinen.SpectralAttention(num_heads=H, spectrum=spectrum, branch_scale=branch_scale, causal=True)
+    layer = jlinen.SpectralAttention(num_heads=H, spectrum=spectrum, branch_scale=branch_scale)
     x = jax.random.normal(jax.random.key(3), (B, T, D))
     init_params = layer.init(jax.random.key(0), x)["params"]
     assert jax.tree.map(jnp.shape, init_params) == jax.tree.map(jnp.shape, params)
@@ -98,19 +106,20 @@ def test_linen_matches_nnx(spectrum, branch_scale):
     params = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)
     for k in params:
         getattr(m, k)[...] = params[k]
-    np.testing.assert_allclose(np.asarray(layer.apply({"params": params}, x)), np.asarray(m(x)), atol=1e-6)
+    got = layer.apply({"params": params}, x, is_causal=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(m(x, is_causal=True)), atol=1e-6)
     np.testing.assert_allclose(jlinen.effective_h(params, spectrum), m.effective_h(), atol=1e-6)
 
 
 def test_branch_scales_at_init_are_identity_and_change_output_when_trained():
     x = jax.random.normal(jax.random.key(1), (B, T, D))
-    ref = SpectralAttention(D, H, SPECS[0], rngs=nnx.Rngs(0))(x)
+    ref = _spectral()(x)
     for bs in ("attnscale", "featscale"):
-        m = SpectralAttention(D, H, SPECS[0], branch_scale=bs, rngs=nnx.Rngs(0))
+        m = _spectral(branch_scale=bs)
         np.testing.assert_allclose(m(x), ref, atol=1e-6)  # init 0 = the plain layer
         if bs == "attnscale":  # w_h = -1 removes the high-frequency part: every row is uniform
             m.attn_scale[...] = -jnp.ones(H)
-            _, att = m(x, return_weights=True)
+            _, att = m.attend(x)
             np.testing.assert_allclose(att, 1.0 / T, atol=1e-6)
         else:  # s_hc = -1 removes the high-frequency part: all tokens equal
             m.s_hc[...] = -jnp.ones(D)
@@ -138,14 +147,26 @@ def test_deepnorm_beta_scales_value_output_and_mlp_only():
 
 def test_bad_layer_arguments():
     with pytest.raises(ValueError, match="num_heads"):
-        SpectralAttention(10, 3, SPECS[0], rngs=nnx.Rngs(0))
+        SpectralAttention(3, 10, spectrum=SPECS[0], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="by keyword.*positionally"):
+        SpectralAttention(12, 3, SPECS[0], rngs=nnx.Rngs(0))  # the pre-Flax-signature order
     with pytest.raises(ValueError, match="Spectrum"):
-        SpectralAttention(12, 3, "sharpen", rngs=nnx.Rngs(0))
+        SpectralAttention(3, 12, spectrum="sharpen", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="square"):
+        SpectralAttention(3, 12, qkv_features=24, spectrum=SPECS[0], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="grouped-query"):
+        Attention(4, 12, num_kv_heads=2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="branch_scale"):
-        Attention(12, 3, branch_scale="both", rngs=nnx.Rngs(0))
-    m = SpectralAttention(D, H, SPECS[0], rngs=nnx.Rngs(0))
+        Attention(3, 12, branch_scale="both", rngs=nnx.Rngs(0))
+    m = _spectral()
     with pytest.raises(ValueError, match="mask"):
-        m(jnp.zeros((B, T, D)), mask_BxT=jnp.ones((B, T + 1)))
+        m(jnp.zeros((B, T, D)), mask=jnp.ones((B, T + 1), bool))
+    with pytest.raises(ValueError, match="inputs_q"):
+        m(jnp.zeros((B, T, D + 1)))
+    with pytest.raises(ValueError, match="init_cache"):
+        m(jnp.zeros((B, 1, D)), decode=True)
+    with pytest.raises(ValueError, match="deterministic"):
+        _spectral(dropout_rate=0.1)(jnp.zeros((B, T, D)))
 
 
 @pytest.mark.parametrize("shape_in, n_out", [((2, 3, 5), 7), ((2, 3, 7), 5), ((4, 6), 6)])

@@ -30,12 +30,39 @@ def test_mask_spectral_vit_general_basis_featscale():
                       branch_scale="featscale", ln_gain="positive")  # fmt: skip
     model = nnx.eval_shape(lambda: ViT(cfg, 10, (8, 8, 1), 4, rngs=nnx.Rngs(0)))  # abstract: types suffice
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    # Not decayed: EigVals/EigBasis (psi, theta, theta_w, theta_s), LN gains, FeatScale, biases, pos, cls.
+    # Decayed like the matrices they replace: the basis matrices theta, theta_w and (clip bound) psi.
+    # Not decayed: theta_s (a vector), LN gains, FeatScale, biases, pos, cls.
     assert _decayed(params) == {
         "patch_w", "head_w",
         "transformer/blocks/attn/w_q", "transformer/blocks/attn/w_k",
+        "transformer/blocks/attn/theta", "transformer/blocks/attn/theta_w", "transformer/blocks/attn/psi",
         "transformer/blocks/mlp/w1", "transformer/blocks/mlp/w2",
     }  # fmt: skip
+    # With the sigmoid bound psi = 0 is the middle of the interval, not lambda = 0: psi is not decayed.
+    cfg = ModelConfig(depth=2, d_model=8, num_heads=2, spectrum=Spectrum(mode="smooth", bound="smooth"))
+    model = nnx.eval_shape(lambda: ViT(cfg, 10, (8, 8, 1), 4, rngs=nnx.Rngs(0)))
+    assert "transformer/blocks/attn/psi" not in _decayed(nnx.split(model, nnx.Param, ...)[1])
+
+
+def test_mask_selects_by_type_and_shape_not_attribute_names():
+    """A user's own model: a layer stack under any attribute name (built by nnx.vmap with the "layers"
+    partition name, as jaxsmooth's Transformer is) and plain Flax layers without sharding names."""
+    from jaxsmooth.nnx import SpectralAttention
+
+    class UserModel(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return SpectralAttention(2, 8, spectrum=Spectrum(), rngs=r)
+
+            self.my_stack = make(rngs)
+            self.proj = nnx.Linear(8, 8, rngs=rngs)  # Flax's own layer: kernel [8, 8], bias [8]
+            self.norm = nnx.LayerNorm(8, rngs=rngs)
+
+    params = nnx.split(nnx.eval_shape(lambda: UserModel(nnx.Rngs(0))), nnx.Param, ...)[1]
+    assert _decayed(params) == {"my_stack/w_q", "my_stack/w_k", "my_stack/theta", "my_stack/psi",
+                                "proj/kernel"}  # fmt: skip
 
 
 def test_mask_baseline_lm():
@@ -43,7 +70,7 @@ def test_mask_baseline_lm():
     model = nnx.eval_shape(lambda: CausalLM(cfg, vocab_size=11, max_len=16, rngs=nnx.Rngs(0)))
     _, params, _ = nnx.split(model, nnx.Param, ...)
     # The baseline's W_V / W_O are ordinary matrices; the token embedding [V, D] is a matrix too (decayed,
-    # as in GPT-2 / nanoGPT), the positional table [1, T, D] is not.
+    # as in GPT-2 / nanoGPT), the positional table [1, T, D] is not. (No V/O biases: vo_bias=False.)
     assert _decayed(params) == {
         "tok", "head_w",
         "transformer/blocks/attn/w_q", "transformer/blocks/attn/w_k",
@@ -68,7 +95,7 @@ def test_decay_happens_exactly_on_masked_leaves():
     for on, p, q in zip(jax.tree.leaves(mask), jax.tree.leaves(params), jax.tree.leaves(new), strict=True):
         expected = p * (1 - lr * wd) if on else p  # AdamW: p <- p - lr * wd * p
         np.testing.assert_allclose(q, expected, rtol=1e-6)
-    assert sum(jax.tree.leaves(mask)) == 6  # w_q, w_k, w1, w2, patch_w, head_w
+    assert sum(jax.tree.leaves(mask)) == 8  # w_q, w_k, theta, psi, w1, w2, patch_w, head_w
 
 
 def test_schedule_shape():

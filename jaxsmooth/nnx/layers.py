@@ -1,10 +1,41 @@
-"""Thin NNX modules over the pure functions of `jaxsmooth.attention` and `jaxsmooth.spectral`.
+"""Flax NNX layers over the pure functions of `jaxsmooth.attention` and `jaxsmooth.spectral`.
 
-Parameters are float32; `dtype` is the compute dtype. Initialisation (ViT-style): xavier-uniform
-matrices, zero biases; DeepNorm's beta multiplies W_V, W_O and both MLP matrices (not W_Q, W_K).
+`SpectralAttention` and the unconstrained `Attention` take `flax.nnx.MultiHeadAttention`'s constructor and
+call arguments with the same names, order and meaning where they make sense for a square H = W_V W_O:
+
+    nnx.MultiHeadAttention(num_heads, in_features, ..., dropout_rate=0.1, decode=False, rngs=rngs)
+    jaxsmooth.nnx.SpectralAttention(num_heads, in_features, ..., dropout_rate=0.1, decode=False,
+                                    spectrum=jaxsmooth.Spectrum("sharpen"), rngs=rngs)
+    layer(inputs_q, inputs_k=None, inputs_v=None, *, mask=None, deterministic=None, rngs=None,
+          sow_weights=False, decode=None)
+
+so a block written against the Flax class works with only the class swapped (plus `spectrum=`). Masks are
+Flax's boolean [batch..., heads | 1, T, S] masks (`nnx.make_attention_mask`, `nnx.make_causal_mask`), any
+leading batch dimensions work, `inputs_k` / `inputs_v` give cross-attention, dropout follows `.train()` /
+`.eval()` and `deterministic` exactly as in Flax, `sow_weights` sows the attention weights into
+`nnx.Intermediate`, and `decode=True` after `init_cache` runs a KV cache (one or more new tokens per call).
+
+What differs, and why (docs/design.md):
+- H must be square, so in_features = qkv_features = out_features (and the key/value inputs have that width
+  too); no grouped-query attention. Other values raise a ValueError that says so.
+- `SpectralAttention` has no value / output biases by default (`value_bias=False`): a bias adds the same
+  vector to every token, a DC term outside the constraint. `use_bias` covers the Q and K projections.
+  `Attention(value_bias=None)` follows `use_bias` as Flax does.
+- The spectral parameters (theta, psi) are float32 whatever `param_dtype` is: QR in bf16 is not a
+  rotation. `kernel_init` / `bias_init` apply to the Q and K projections (and the baseline's V and O).
+- Parameters are W[in, out] matrices (w_q, w_k, w_v, w_o), not Flax's [in, heads, head_dim] kernels; every
+  parameter carries logical sharding names (`out_sharding` metadata: "embed", "heads", "mlp", ...) that
+  `nnx.get_partition_spec` returns under `jaxsmooth.parallel` sharding rules.
+
+Initialisation (ViT-style): xavier-uniform matrices, zero biases; DeepNorm's beta multiplies W_V, W_O and
+both MLP matrices (not W_Q, W_K); for spectral attention beta^2 multiplies the initial eigenvalues.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,26 +47,53 @@ from jaxsmooth import spectral
 from jaxsmooth.config import Spectrum
 from jaxsmooth.nnx.variables import BranchScale, EigBasis, EigVals, LNGain
 
-_xavier = jax.nn.initializers.xavier_uniform()
+default_kernel_init = jax.nn.initializers.xavier_uniform()
+default_bias_init = jax.nn.initializers.zeros
+BRANCH_SCALES = ("none", "attnscale", "featscale")
 
 
-def _dense(rngs: nnx.Rngs, d_in: int, d_out: int, scale: float = 1.0) -> nnx.Param:
-    return nnx.Param(scale * _xavier(rngs.params(), (d_in, d_out), jnp.float32))
+def param(kind: type[nnx.Variable], value: Any, names: Sequence[str | None]) -> nnx.Variable:
+    """A Variable of type `kind` carrying logical sharding names (`out_sharding` metadata).
+
+    `value` may be a plain array, or the `VariableMetadata` an initializer wrapped by
+    `nnx.with_partitioning` returns: the user's partitioning then wins over `names`, as in Flax. Our own
+    names are attached without eager sharding, so a model builds without a mesh; `jaxsmooth.parallel`
+    maps them onto a mesh when one is used.
+    """
+    if isinstance(value, nnx.variablelib.VariableMetadata):
+        return kind(value, out_sharding=tuple(names))
+    return kind(value, out_sharding=tuple(names), eager_sharding=False)
 
 
-def _zeros(n: int) -> nnx.Param:
-    return nnx.Param(jnp.zeros((n,), jnp.float32))
+def _as_key(rngs: Any) -> jax.Array | None:
+    """A dropout key from Flax's `rngs` argument (Rngs, RngStream) or a raw key array."""
+    if rngs is None:
+        return None
+    if isinstance(rngs, nnx.Rngs):
+        return rngs.dropout()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs()
+    return rngs  # a jax PRNG key (used by jaxsmooth's scanned blocks, which carry no Rng state)
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm with float32 statistics; gain="positive" makes the gain softplus(g) > 0."""
+    """LayerNorm with float32 statistics; gain="positive" makes the gain softplus(g) > 0.
+
+    Args:
+      d: width D.
+      gain: "free" (a plain gain) or "positive" (softplus of a free parameter, starting at 1).
+      eps: added to the variance.
+    """
 
     def __init__(self, d: int, *, gain: str = "free", eps: float = 1e-6):
+        if gain not in ("free", "positive"):
+            raise ValueError(f"gain={gain!r}; choose free or positive")
         self.positive = gain == "positive"
         self.eps = eps
         # softplus(log(e - 1)) = 1: both gain types start at the identity gain.
-        self.gain = LNGain(jnp.full((d,), np.log(np.e - 1.0) if self.positive else 1.0, jnp.float32))
-        self.bias = _zeros(d)
+        start = np.log(np.e - 1.0) if self.positive else 1.0
+        self.gain = param(LNGain, jnp.full((d,), start, jnp.float32), ("embed",))
+        self.bias = param(nnx.Param, jnp.zeros((d,), jnp.float32), ("embed",))
 
     def __call__(self, x_BxTxD):
         return attn_fn.layer_norm(
@@ -43,16 +101,21 @@ class LayerNorm(nnx.Module):
         )
 
     def effective_gain(self) -> jnp.ndarray:
+        """The gain LayerNorm multiplies by (softplus(g) for gain="positive"), float32 [D]."""
         return attn_fn.effective_gain(self.gain[...], self.positive)
 
 
 class MLP(nnx.Module):
+    """Position-wise GELU MLP, D -> M -> D; DeepNorm's beta scales both matrices at init."""
+
     def __init__(
         self, d: int, m: int, *, beta: float = 1.0, dtype=jnp.float32, fast_backward: bool = True,
         rngs: nnx.Rngs,
     ):  # fmt: skip
-        self.w1, self.b1 = _dense(rngs, d, m, beta), _zeros(m)
-        self.w2, self.b2 = _dense(rngs, m, d, beta), _zeros(d)
+        self.w1 = param(nnx.Param, beta * default_kernel_init(rngs.params(), (d, m)), ("embed", "mlp"))
+        self.b1 = param(nnx.Param, jnp.zeros((m,), jnp.float32), ("mlp",))
+        self.w2 = param(nnx.Param, beta * default_kernel_init(rngs.params(), (m, d)), ("mlp", "embed"))
+        self.b2 = param(nnx.Param, jnp.zeros((d,), jnp.float32), ("embed",))
         self.dtype, self.fast_backward = dtype, fast_backward
 
     def __call__(self, x_BxTxD):
@@ -62,30 +125,105 @@ class MLP(nnx.Module):
         )  # fmt: skip
 
 
+def _check_int(name: str, value: Any) -> int:
+    if not (isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(
+            f"{name}={value!r} must be a positive int. The signature follows flax.nnx.MultiHeadAttention: "
+            "(num_heads, in_features, qkv_features=None, out_features=None, *, ..., rngs); "
+            "pass spectrum= by keyword"
+        )
+    return int(value)
+
+
 class _AttentionBase(nnx.Module):
-    """Q/K projections, the optional Wang et al. branch scales, and the forward; subclasses supply
-    `value_output() -> (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None)`."""
+    """Q/K projections, the optional Wang et al. branch scales, dropout, the KV cache and the forward.
+
+    Subclasses supply `value_output() -> (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None)`.
+    """
 
     def __init__(
-        self, d_model, num_heads, *, causal, qkv_bias, dropout, dtype, branch_scale, fast_backward, rngs
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None,
+        out_features: int | None,
+        num_kv_heads: int | None,
+        in_kv_features: int | None,
+        *,
+        dtype,
+        param_dtype,
+        broadcast_dropout: bool,
+        dropout_rate: float,
+        deterministic: bool | None,
+        kernel_init: Callable,
+        bias_init: Callable,
+        use_bias: bool,
+        decode: bool | None,
+        rngs: nnx.Rngs,
+        keep_rngs: bool,
+        branch_scale: str,
+        fast_backward: bool,
     ):
-        if d_model % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide d_model={d_model}")
-        if branch_scale not in ("none", "attnscale", "featscale"):
-            raise ValueError(f"branch_scale={branch_scale!r}; choose one of none, attnscale, featscale")
-        self.d_model, self.num_heads, self.causal = d_model, num_heads, causal
-        self.dropout, self.dtype, self.branch_scale = dropout, jnp.dtype(dtype), branch_scale
-        self.fast_backward = fast_backward
-        self.w_q, self.w_k = _dense(rngs, d_model, d_model), _dense(rngs, d_model, d_model)
-        self.b_q = _zeros(d_model) if qkv_bias else None
-        self.b_k = _zeros(d_model) if qkv_bias else None
+        self.num_heads = _check_int("num_heads", num_heads)
+        self.in_features = _check_int("in_features", in_features)
+        d = self.in_features
+        for name, v in (("qkv_features", qkv_features), ("out_features", out_features),
+                        ("in_kv_features", in_kv_features)):  # fmt: skip
+            if v is not None and _check_int(name, v) != d:
+                raise ValueError(
+                    f"{name}={v} differs from in_features={d}: H = W_V W_O must be square (D x D) for its "
+                    "eigenvalues to be constrained, so jaxsmooth attention keeps one width D"
+                )
+        if num_kv_heads is not None and num_kv_heads != num_heads:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads} != num_heads={num_heads}: grouped-query attention shares "
+                "value heads, so H = W_V W_O would not be a sum of per-head maps; not supported"
+            )
+        if d % self.num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide in_features={d}")
+        if branch_scale not in BRANCH_SCALES:
+            raise ValueError(f"branch_scale={branch_scale!r}; choose one of {', '.join(BRANCH_SCALES)}")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={dropout_rate} must be in [0, 1)")
+        self.qkv_features = self.out_features = self.in_kv_features = d
+        self.num_kv_heads = self.num_heads
+        self.head_dim = d // self.num_heads
+        self.dtype = None if dtype is None else jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.broadcast_dropout, self.dropout_rate = broadcast_dropout, float(dropout_rate)
+        self.deterministic, self.decode = deterministic, decode
+        self.use_bias, self.branch_scale, self.fast_backward = use_bias, branch_scale, fast_backward
+        self.w_q = self._kernel(rngs, kernel_init, ("embed", "heads"))
+        self.w_k = self._kernel(rngs, kernel_init, ("embed", "heads"))
+        self.b_q = self._bias(rngs, bias_init) if use_bias else nnx.data(None)
+        self.b_k = self._bias(rngs, bias_init) if use_bias else nnx.data(None)
         if branch_scale == "attnscale":
-            self.attn_scale = BranchScale(jnp.zeros((num_heads,), jnp.float32))
+            self.attn_scale = param(BranchScale, jnp.zeros((self.num_heads,), jnp.float32), (None,))
         if branch_scale == "featscale":
-            self.s_dc = BranchScale(jnp.zeros((d_model,), jnp.float32))
-            self.s_hc = BranchScale(jnp.zeros((d_model,), jnp.float32))
+            self.s_dc = param(BranchScale, jnp.zeros((d,), jnp.float32), ("embed",))
+            self.s_hc = param(BranchScale, jnp.zeros((d,), jnp.float32), ("embed",))
+        # As in Flax: the module keeps its own dropout stream (a fork of rngs.dropout) unless told not to.
+        self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else nnx.data(None)
+        self.cached_key = nnx.data(None)
+        self.cached_value = nnx.data(None)
+        self.cache_index = nnx.data(None)
 
+    def _kernel(self, rngs, init, names, scale: float = 1.0) -> nnx.Param:
+        d = self.in_features
+        value = init(rngs.params(), (d, d), self.param_dtype)
+        if scale != 1.0:  # DeepNorm's beta: scale the array, keep any metadata of the user's initializer
+            if isinstance(value, nnx.variablelib.VariableMetadata):
+                value = value.replace(raw_value=scale * value.raw_value)
+            else:
+                value = scale * value
+        return param(nnx.Param, value, names)
+
+    def _bias(self, rngs, init, names=("heads",)) -> nnx.Param:
+        return param(nnx.Param, init(rngs.params(), (self.in_features,), self.param_dtype), names)
+
+    # ---- the maps the layer applies ---------------------------------------------------------------
     def value_output(self):
+        """(w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None) as the forward pass uses them."""
         raise NotImplementedError
 
     def effective_h(self) -> jnp.ndarray:
@@ -96,69 +234,254 @@ class _AttentionBase(nnx.Module):
     def head_maps(self) -> jnp.ndarray:
         """[H, D, D]: head h's map W_V[:, h] W_O[h, :]; they sum to effective_h()."""
         w_v, w_o, _, _ = self.value_output()
-        k = self.d_model // self.num_heads
-        w_v_DxHxK = w_v.reshape(self.d_model, self.num_heads, k)
-        w_o_HxKxD = w_o.reshape(self.num_heads, k, self.d_model)
+        d, k = self.in_features, self.head_dim
+        w_v_DxHxK = w_v.reshape(d, self.num_heads, k)
+        w_o_HxKxD = w_o.reshape(self.num_heads, k, d)
         return jnp.einsum("DHK,HKE->HDE", w_v_DxHxK, w_o_HxKxD)
 
+    # ---- KV cache ---------------------------------------------------------------------------------
+    def init_cache(self, input_shape: Sequence[int], dtype=jnp.float32) -> None:
+        """Allocate the autoregressive cache for inputs of shape [batch..., max_length, features] (as
+        `nnx.MultiHeadAttention.init_cache`); then call with `decode=True`, one or more tokens at a time."""
+        *batch, max_len, feat = tuple(input_shape)
+        if feat != self.in_features:
+            raise ValueError(
+                f"init_cache input_shape {tuple(input_shape)}: features must be {self.in_features}"
+            )
+        shape = (*batch, max_len, self.num_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
+
+    # ---- forward ----------------------------------------------------------------------------------
     def __call__(
-        self, x_BxTxD, *, mask_BxT=None, dropout_key=None, return_weights=False, value_output=None, v_in=None
-    ):
-        """value_output: (w_v, w_o, b_v, b_o) already computed by `self.value_output()`. The block stack
-        passes it to compose the spectral W_V, W_O of all layers in one batched call before its scan.
-        v_in: what the value projection reads (default x_BxTxD)."""
+        self,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+        sow_weights: bool = False,
+        decode: bool | None = None,
+        is_causal: bool = False,
+    ) -> jax.Array:
+        """Multi-head attention of `inputs_q` over `inputs_k` (default inputs_q) with values read from
+        `inputs_v` (default inputs_k), exactly as `nnx.MultiHeadAttention.__call__`.
+
+        Args:
+          inputs_q: [batch..., T, D] queries' input.
+          inputs_k, inputs_v: [batch..., S, D] keys' and values' inputs (cross-attention), or None.
+          mask: boolean [batch..., heads | 1, T, S] (True = attend), e.g. `nnx.make_causal_mask`.
+          deterministic: no dropout if True; overrides the attribute (set by `.train()` / `.eval()`).
+          rngs: dropout randomness (`nnx.Rngs`, an `RngStream` or a PRNG key); default: the layer's own.
+          sow_weights: sow the attention weights [batch..., H, T, S] into `nnx.Intermediate`
+            ("attention_weights").
+          decode: use the KV cache (`init_cache` first); overrides the attribute.
+          is_causal: also apply a causal mask (key s <= query t, offset by the cache index in decode).
+        Returns:
+          [batch..., T, D].
+        """
+        y, att = self.attend(
+            inputs_q, inputs_k, inputs_v, mask=mask, deterministic=deterministic, rngs=rngs,
+            decode=decode, is_causal=is_causal,
+        )  # fmt: skip
+        if sow_weights:
+            self.sow(nnx.Intermediate, "attention_weights", att)
+        return y
+
+    def attend(
+        self,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        rngs: Any = None,
+        decode: bool | None = None,
+        is_causal: bool = False,
+        value_output: tuple | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """`__call__` that also returns the attention weights: (y [batch..., T, D], att [batch..., H, T,
+        S], float32, before dropout). value_output: this layer's (w_v, w_o, b_v, b_o) if already
+        composed (the block stack composes every layer's spectral W_V, W_O once, before its scan)."""
+        if inputs_k is None:
+            if inputs_v is not None:
+                raise ValueError(
+                    "`inputs_k` cannot be None if `inputs_v` is not None (as in Flax): pass the keys' "
+                    "input as inputs_k"
+                )
+            inputs_k = inputs_q
+        if inputs_v is None:
+            inputs_v = inputs_k
+        d = self.in_features
+        for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
+            if x.ndim < 2 or x.shape[-1] != d:
+                raise ValueError(f"{name} has shape {x.shape}; expected [batch..., length, {d}]")
+        batch = inputs_q.shape[:-2]
+        if inputs_k.shape[:-2] != batch or inputs_v.shape[:-1] != inputs_k.shape[:-1]:
+            raise ValueError(
+                f"inputs_q {inputs_q.shape}, inputs_k {inputs_k.shape} and inputs_v {inputs_v.shape} must "
+                "share their batch dimensions, and inputs_k / inputs_v their length"
+            )
+        nb = math.prod(batch)
+        t = inputs_q.shape[-2]
+        flat = lambda x: x.reshape(nb, x.shape[-2], d)
+        xq, xk, xv = flat(inputs_q), flat(inputs_k), flat(inputs_v)
         w_v, w_o, b_v, b_o = self.value_output() if value_output is None else value_output
-        y, att = attn_fn.multihead_attention(
-            x_BxTxD,
-            self.w_q[...],
-            self.w_k[...],
-            w_v,
-            w_o,
-            num_heads=self.num_heads,
-            b_q_D=None if self.b_q is None else self.b_q[...],
-            b_k_D=None if self.b_k is None else self.b_k[...],
-            b_v_D=b_v,
-            b_o_D=b_o,
-            mask_BxS=mask_BxT,
-            causal=self.causal,
+        dtype = self.dtype or jnp.result_type(inputs_q.dtype, self.w_q.get_value().dtype)
+        proj = dict(num_heads=self.num_heads, dtype=dtype, fast_backward=self.fast_backward)
+        q = attn_fn.project_heads(xq, self.w_q[...], _get(self.b_q), **proj)
+        k = attn_fn.project_heads(xk, self.w_k[...], _get(self.b_k), **proj)
+        v = attn_fn.project_heads(xv, w_v, b_v, **proj)
+
+        m = None
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            if mask.ndim != len(batch) + 3:
+                raise ValueError(
+                    f"mask has shape {mask.shape}; expected [batch..., heads | 1, T, S] with batch dims "
+                    f"{batch} (nnx.make_attention_mask / nnx.make_causal_mask build such masks)"
+                )
+            m = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:])).reshape(nb, *mask.shape[-3:])
+        offset = 0
+        decode = bool(self.decode) if decode is None else decode
+        if decode:
+            k, v, offset = self._update_cache(k, v, batch)
+            pos = jnp.arange(k.shape[2])
+            # Cached self-attention is causal: query t (absolute position offset + t) sees keys <= it;
+            # this also hides the cache slots not written yet.
+            cached = (pos[None, :] <= offset + jnp.arange(t)[:, None])[None, None]
+            m = cached if m is None else jnp.logical_and(m, cached)
+        s = k.shape[2]
+        allowed = attn_fn.allowed_keys(nb, t, s, mask=m, causal=is_causal, offset=offset)
+        z, att = attn_fn.attend(
+            q, k, v, allowed=allowed,
             attn_scale_H=self.attn_scale[...] if self.branch_scale == "attnscale" else None,
-            dropout_rate=self.dropout,
-            dropout_key=dropout_key,
-            dtype=self.dtype,
-            fast_backward=self.fast_backward,
-            v_in_BxTxD=v_in,
-        )
+            dropout_rate=self.dropout_rate, dropout_key=self._dropout_key(deterministic, rngs),
+            broadcast_dropout=self.broadcast_dropout, dtype=dtype,
+        )  # fmt: skip
+        matmul = attn_fn.dense if self.fast_backward else jnp.matmul
+        y = matmul(z, w_o.astype(dtype))
+        if b_o is not None:
+            y = y + b_o.astype(dtype)[None, None, :]
         if self.branch_scale == "featscale":
-            y = attn_fn.feat_scale(y, self.s_dc[...], self.s_hc[...], causal=self.causal)
-        return (y, att) if return_weights else y
+            if decode:
+                raise NotImplementedError(
+                    "branch_scale='featscale' with decode=True: its running token mean needs the branch "
+                    "outputs of every earlier token, which the KV cache does not keep"
+                )
+            y = attn_fn.feat_scale(y, self.s_dc[...], self.s_hc[...], causal=is_causal)
+        return y.reshape(*batch, t, d), att.reshape(*batch, *att.shape[1:])
+
+    def _update_cache(self, k_BxHxTxK, v_BxHxTxK, batch):
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            raise ValueError("Autoregressive cache not initialized, call ``init_cache`` first.")
+        cache_k = self.cached_key[...]
+        *cb, max_len, h, kd = cache_k.shape
+        if tuple(cb) != tuple(batch):
+            raise ValueError(f"the cache was made for batch dims {tuple(cb)}, the input has {tuple(batch)}")
+        nb = k_BxHxTxK.shape[0]
+        t = k_BxHxTxK.shape[2]
+        idx = self.cache_index[...]
+        to_cache = lambda a: a.transpose(0, 2, 1, 3).reshape(*batch, t, h, kd).astype(cache_k.dtype)
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero,) * len(batch) + (idx, zero, zero)
+        new_k = jax.lax.dynamic_update_slice(cache_k, to_cache(k_BxHxTxK), start)
+        new_v = jax.lax.dynamic_update_slice(self.cached_value[...], to_cache(v_BxHxTxK), start)
+        self.cached_key[...] = new_k
+        self.cached_value[...] = new_v
+        self.cache_index[...] = idx + t
+        heads_major = lambda a: a.reshape(nb, max_len, h, kd).transpose(0, 2, 1, 3)
+        return heads_major(new_k), heads_major(new_v), idx
+
+    def _dropout_key(self, deterministic, rngs) -> jax.Array | None:
+        """Flax's rule: with dropout_rate > 0, `deterministic` must come from the call or the attribute
+        (`.train()` / `.eval()` set it); when not deterministic, randomness comes from the call's `rngs`
+        or the layer's own stream."""
+        if self.dropout_rate == 0.0:
+            return None
+        det = deterministic if deterministic is not None else self.deterministic
+        if det is None:
+            raise ValueError(
+                f"{type(self).__name__} has dropout_rate={self.dropout_rate} but no `deterministic`: pass "
+                "deterministic= to the call or the constructor, or use .train() / .eval()"
+            )
+        if det:
+            return None
+        key = _as_key(rngs if rngs is not None else self.rngs)
+        if key is None:
+            raise ValueError(
+                "dropout needs randomness: pass rngs= to the call, or construct the layer with rngs and "
+                "keep_rngs=True"
+            )
+        return key
+
+
+def _get(v):
+    return None if v is None else v[...]
 
 
 class Attention(_AttentionBase):
-    """Unconstrained multi-head self-attention (the baseline), same interface as SpectralAttention."""
+    """Unconstrained multi-head attention (the baseline): `nnx.MultiHeadAttention`'s signature, with
+    W_V, W_O free and H = W_V W_O available as `effective_h()` / `eigenvalues()`.
+
+    Args (as `nnx.MultiHeadAttention`, see the module docstring for what differs):
+      num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features; dtype,
+      param_dtype, broadcast_dropout, dropout_rate, deterministic, kernel_init, out_kernel_init,
+      bias_init, out_bias_init, use_bias, decode, rngs, keep_rngs.
+      value_bias: biases on the V and O projections (None: follow use_bias, as Flax does).
+      beta: DeepNorm's init scale on W_V and W_O.
+      branch_scale: "none" | "attnscale" | "featscale" (Wang et al. 2022).
+      fast_backward: see `jaxsmooth.attention.dense` (reverse mode only; False for jax.jvp).
+    """
 
     def __init__(
         self,
-        d_model: int,
         num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
         *,
-        causal: bool = False,
+        dtype=None,
+        param_dtype=jnp.float32,
+        broadcast_dropout: bool = True,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        kernel_init: Callable = default_kernel_init,
+        out_kernel_init: Callable | None = None,
+        bias_init: Callable = default_bias_init,
+        out_bias_init: Callable | None = None,
+        use_bias: bool = True,
+        decode: bool | None = None,
+        rngs: nnx.Rngs,
+        keep_rngs: bool = True,
+        value_bias: bool | None = None,
         beta: float = 1.0,
-        qkv_bias: bool = True,
-        dropout: float = 0.0,
-        dtype="float32",
         branch_scale: str = "none",
         fast_backward: bool = True,
-        rngs: nnx.Rngs,
     ):
         super().__init__(
-            d_model, num_heads, causal=causal, qkv_bias=qkv_bias, dropout=dropout, dtype=dtype,
-            branch_scale=branch_scale, fast_backward=fast_backward, rngs=rngs,
+            num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features,
+            dtype=dtype, param_dtype=param_dtype, broadcast_dropout=broadcast_dropout,
+            dropout_rate=dropout_rate, deterministic=deterministic, kernel_init=kernel_init,
+            bias_init=bias_init, use_bias=use_bias, decode=decode, rngs=rngs, keep_rngs=keep_rngs,
+            branch_scale=branch_scale, fast_backward=fast_backward,
         )  # fmt: skip
-        self.w_v, self.b_v = _dense(rngs, d_model, d_model, beta), _zeros(d_model)
-        self.w_o, self.b_o = _dense(rngs, d_model, d_model, beta), _zeros(d_model)
+        self.value_bias = use_bias if value_bias is None else value_bias
+        self.w_v = self._kernel(rngs, kernel_init, ("embed", "heads"), beta)
+        self.w_o = self._kernel(rngs, out_kernel_init or kernel_init, ("heads", "embed"), beta)
+        self.b_v = self._bias(rngs, bias_init) if self.value_bias else nnx.data(None)
+        self.b_o = (
+            self._bias(rngs, out_bias_init or bias_init, ("embed",)) if self.value_bias else nnx.data(None)
+        )
 
     def value_output(self):
-        return self.w_v[...], self.w_o[...], self.b_v[...], self.b_o[...]
+        return self.w_v[...], self.w_o[...], _get(self.b_v), _get(self.b_o)
 
     def eigenvalues(self) -> np.ndarray:
         """Complex eigenvalues of H = W_V W_O, sorted by modulus (descending). H is not symmetric, and
@@ -167,47 +490,81 @@ class Attention(_AttentionBase):
 
 
 class SpectralAttention(_AttentionBase):
-    """Self-attention with W_V = V diag(lambda), W_O = V^-1 (PAPER.md section 2): the eigenvalues of
-    H = W_V W_O are lambda, constrained by `spectrum` for any parameter values.
+    """Attention with W_V = V diag(lambda), W_O = V^-1 (docs/theory.md): the eigenvalues of H = W_V W_O
+    are lambda, held in `spectrum`'s interval for any parameter values.
 
-    alpha: the residual scale of the enclosing block (DeepNorm); the spectrum's range is stated for the
-    effective update H / alpha, so lambda lies in alpha * [lo, hi]. beta: DeepNorm's init scale; it
-    multiplies the initial lambda by beta^2 (as it multiplies H when scaling W_V and W_O), see
-    `spectral.init`. No V/O biases: a bias would add a constant (DC) vector to every token and escape the
-    constraint.
+    Args (as `nnx.MultiHeadAttention`, see the module docstring for what differs):
+      num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features; dtype,
+      param_dtype, broadcast_dropout, dropout_rate, deterministic, kernel_init, bias_init, use_bias
+      (Q and K), decode, rngs, keep_rngs.
+      spectrum: the constraint (`jaxsmooth.Spectrum`), required.
+      value_bias: V and O biases (default False: they add a DC term outside the constraint).
+      alpha: the enclosing block's residual scale (DeepNorm); the range is stated for H / alpha, so
+        lambda lies in alpha * [lo, hi].
+      beta: DeepNorm's init scale; the initial lambda are multiplied by beta^2 (as beta multiplies H when
+        it scales W_V and W_O), see `spectral.init`.
+      branch_scale, fast_backward: as for `Attention`.
     """
 
     def __init__(
         self,
-        d_model: int,
         num_heads: int,
-        spectrum: Spectrum,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
         *,
-        causal: bool = False,
+        spectrum: Spectrum | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        broadcast_dropout: bool = True,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        kernel_init: Callable = default_kernel_init,
+        bias_init: Callable = default_bias_init,
+        use_bias: bool = True,
+        decode: bool | None = None,
+        rngs: nnx.Rngs,
+        keep_rngs: bool = True,
+        value_bias: bool = False,
         alpha: float = 1.0,
         beta: float = 1.0,
-        qkv_bias: bool = True,
-        dropout: float = 0.0,
-        dtype="float32",
         branch_scale: str = "none",
         fast_backward: bool = True,
-        rngs: nnx.Rngs,
     ):
         if not isinstance(spectrum, Spectrum):
-            raise ValueError(f"spectrum must be a jaxsmooth.Spectrum, got {type(spectrum).__name__}")
+            positional = [a for a in (qkv_features, out_features) if isinstance(a, Spectrum)]
+            raise ValueError(
+                "SpectralAttention needs spectrum=jaxsmooth.Spectrum(...) by keyword"
+                + (" (a Spectrum was passed positionally: the signature follows nnx.MultiHeadAttention, "
+                   "SpectralAttention(num_heads, in_features, *, spectrum=..., rngs=...))"
+                   if positional else "")
+                + f"; got spectrum={spectrum!r}"
+            )  # fmt: skip
         super().__init__(
-            d_model, num_heads, causal=causal, qkv_bias=qkv_bias, dropout=dropout, dtype=dtype,
-            branch_scale=branch_scale, fast_backward=fast_backward, rngs=rngs,
+            num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features,
+            dtype=dtype, param_dtype=param_dtype, broadcast_dropout=broadcast_dropout,
+            dropout_rate=dropout_rate, deterministic=deterministic, kernel_init=kernel_init,
+            bias_init=bias_init, use_bias=use_bias, decode=decode, rngs=rngs, keep_rngs=keep_rngs,
+            branch_scale=branch_scale, fast_backward=fast_backward,
         )  # fmt: skip
-        self.spectrum, self.alpha = spectrum, float(alpha)
-        theta, psi_D = spectral.init(rngs.params(), d_model, spectrum, alpha=alpha, scale=beta**2)
+        d = self.in_features
+        self.spectrum, self.alpha, self.value_bias = spectrum, float(alpha), bool(value_bias)
+        theta, psi_D = spectral.init(rngs.params(), d, spectrum, alpha=alpha, scale=beta**2)
+        # V's columns are W_V's columns, grouped by head like W_Q's: the same logical names.
         if spectrum.basis == "orthogonal":
-            self.theta = EigBasis(theta)
+            self.theta = param(EigBasis, theta, ("embed", "heads"))
         else:
-            self.theta = EigBasis(theta["u"])
-            self.theta_w = EigBasis(theta["w"])
-            self.theta_s = EigBasis(theta["s"])
-        self.psi = EigVals(psi_D)
+            self.theta = param(EigBasis, theta["u"], ("embed", "heads"))
+            self.theta_w = param(EigBasis, theta["w"], ("embed", "heads"))
+            self.theta_s = param(EigBasis, theta["s"], ("heads",))
+        # psi decays (like the baseline's W_V, W_O, pulling lambda towards 0) unless psi = 0 is not
+        # lambda = 0, as with the sigmoid bound (docs/design.md, "Weight decay").
+        self.psi = EigVals(psi_D, out_sharding=("heads",), eager_sharding=False,
+                           weight_decay=spectrum.bound == "clip")  # fmt: skip
+        self.b_v = self._bias(rngs, bias_init) if self.value_bias else nnx.data(None)
+        self.b_o = self._bias(rngs, bias_init, ("embed",)) if self.value_bias else nnx.data(None)
 
     def _theta(self):
         if self.spectrum.basis == "orthogonal":
@@ -216,7 +573,7 @@ class SpectralAttention(_AttentionBase):
 
     def value_output(self):
         w_v, w_o = spectral.value_projection(self._theta(), self.psi[...], self.spectrum, self.alpha)
-        return w_v, w_o, None, None
+        return w_v, w_o, _get(self.b_v), _get(self.b_o)
 
     def eigenvalues(self) -> jnp.ndarray:
         """lambda_D: the (real) eigenvalues of H, exact by construction; jit-able on any device."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxsmooth.config import ModelConfig
+from jaxsmooth.nnx.layers import param
 from jaxsmooth.nnx.transformer import Transformer
 
 _embed_init = jax.nn.initializers.normal(0.02)
@@ -40,13 +43,16 @@ class ViT(nnx.Module):
         d = config.d_model
         self.image_shape, self.patch_size = tuple(image_shape), patch_size
         self.num_patches = (h // patch_size) * (w // patch_size)
-        self.patch_w = nnx.Param(jax.nn.initializers.lecun_normal()(rngs.params(), (patch_size**2 * ch, d)))
-        self.patch_b = nnx.Param(jnp.zeros((d,)))
-        self.cls = nnx.Param(jnp.zeros((1, 1, d)))
-        self.pos = nnx.Param(_embed_init(rngs.params(), (1, self.num_patches + 1, d)))
+        patch_init = jax.nn.initializers.lecun_normal()(rngs.params(), (patch_size**2 * ch, d))
+        self.patch_w = param(nnx.Param, patch_init, ("patch", "embed"))
+        self.patch_b = param(nnx.Param, jnp.zeros((d,)), ("embed",))
+        self.cls = param(nnx.Param, jnp.zeros((1, 1, d)), (None, None, "embed"))
+        self.pos = param(
+            nnx.Param, _embed_init(rngs.params(), (1, self.num_patches + 1, d)), (None, None, "embed")
+        )
         self.transformer = Transformer(config, rngs=rngs)
-        self.head_w = nnx.Param(jnp.zeros((d, num_classes)))
-        self.head_b = nnx.Param(jnp.zeros((num_classes,)))
+        self.head_w = param(nnx.Param, jnp.zeros((d, num_classes)), ("embed", "classes"))
+        self.head_b = param(nnx.Param, jnp.zeros((num_classes,)), ("classes",))
 
     def embed(self, images_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
         """[B, H, W, C] -> tokens [B, 1 + N, D] ([CLS] first)."""
@@ -80,11 +86,15 @@ class CausalLM(nnx.Module):
             raise ValueError(f"vocab_size={vocab_size} must be >= 2 and max_len={max_len} >= 1")
         d = config.d_model
         self.vocab_size, self.max_len = vocab_size, max_len
-        self.tok = nnx.Param(_embed_init(rngs.params(), (vocab_size, d)))
-        self.pos = nnx.Param(_embed_init(rngs.params(), (1, max_len, d)))
+        self.tok = param(nnx.Param, _embed_init(rngs.params(), (vocab_size, d)), ("vocab", "embed"))
+        self.pos = param(nnx.Param, _embed_init(rngs.params(), (1, max_len, d)), (None, None, "embed"))
         self.transformer = Transformer(config, causal=True, rngs=rngs)
-        self.head_w = nnx.Param(jax.nn.initializers.xavier_uniform()(rngs.params(), (d, vocab_size)))
-        self.head_b = nnx.Param(jnp.zeros((vocab_size,)))
+        head_init = jax.nn.initializers.xavier_uniform()(rngs.params(), (d, vocab_size))
+        self.head_w = param(nnx.Param, head_init, ("embed", "vocab"))
+        self.head_b = param(nnx.Param, jnp.zeros((vocab_size,)), ("vocab",))
+
+    def _head(self, y_BxTxD):
+        return y_BxTxD.astype(jnp.float32) @ self.head_w[...] + self.head_b[...][None, None, :]
 
     def __call__(self, ids_BxT, *, dropout_key=None, return_stats=False, return_attention=False):
         """Next-token logits [B, T, V] (float32), or (logits, aux)."""
@@ -95,5 +105,82 @@ class CausalLM(nnx.Module):
         out = self.transformer(
             x_BxTxD, dropout_key=dropout_key, return_stats=return_stats, return_attention=return_attention
         )
-        head = lambda y: y.astype(jnp.float32) @ self.head_w[...] + self.head_b[...][None, None, :]
-        return _with_aux(out, head)
+        return _with_aux(out, self._head)
+
+    def decode(self, ids_BxT: jnp.ndarray, cache: dict) -> tuple[jnp.ndarray, dict]:
+        """Logits [B, T, V] of T new tokens at positions cache["index"] ..., using and extending the KV
+        cache (`Transformer.init_cache(batch, max_len)`); pure, so it jits."""
+        t = ids_BxT.shape[1]
+        pos_1xTxD = jax.lax.dynamic_slice_in_dim(self.pos[...], cache["index"], t, axis=1)
+        x_BxTxD = jnp.take(self.tok[...], ids_BxT, axis=0) + pos_1xTxD
+        y, cache = self.transformer.decode(x_BxTxD, cache)
+        return self._head(y), cache
+
+    def generate(
+        self,
+        prompt_BxP,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        rng: jax.Array | None = None,
+    ) -> jnp.ndarray:
+        """Sample `max_new_tokens` tokens after `prompt_BxP` with a KV cache; returns [B, P + N] ids.
+
+        One compiled program per (batch, prompt length, max_new_tokens, top_k): the prompt fills the cache
+        in one pass, then a lax.scan decodes one token per step, each attending to the cache.
+
+        Args:
+          prompt_BxP: int ids [B, P] (P >= 1).
+          max_new_tokens: N >= 1; P + N must not exceed max_len (learned positions).
+          temperature: softmax temperature; 0 means greedy (argmax).
+          top_k: sample among the k most likely tokens only (None: all).
+          rng: PRNG key for sampling (required unless temperature == 0).
+        """
+        prompt = jnp.asarray(prompt_BxP)
+        if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+            raise ValueError(f"prompt must be int ids [B, P >= 1], got {prompt.dtype} {prompt.shape}")
+        b, p = prompt.shape
+        n = int(max_new_tokens)
+        if n < 1 or p + n > self.max_len:
+            raise ValueError(
+                f"prompt length {p} + max_new_tokens {n} must be within max_len={self.max_len} (and n >= 1)"
+            )
+        if top_k is not None and not 1 <= top_k <= self.vocab_size:
+            raise ValueError(f"top_k={top_k} must be in [1, vocab_size={self.vocab_size}]")
+        if not (temperature >= 0 and jnp.isfinite(temperature)):
+            raise ValueError(f"temperature={temperature} must be a finite number >= 0")
+        if rng is None:
+            if temperature > 0:
+                raise ValueError("sampling with temperature > 0 needs rng= (a PRNG key); use temperature=0 "
+                                 "for greedy decoding")  # fmt: skip
+            rng = jax.random.key(0)
+        graphdef, state = nnx.split(self)
+        return _generate(graphdef, state, prompt, jnp.float32(temperature), rng, n=n, top_k=top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "top_k"))
+def _generate(graphdef, state, prompt_BxP, temperature, rng, *, n: int, top_k: int | None):
+    model = nnx.merge(graphdef, state)
+    b, p = prompt_BxP.shape
+    dtype = jnp.dtype(model.transformer.config.dtype)
+    cache = model.transformer.init_cache(b, p + n, dtype)
+    logits, cache = model.decode(prompt_BxP, cache)
+
+    def pick(logits_BxV, key):
+        if top_k is not None:
+            kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+            logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+        greedy = jnp.argmax(logits_BxV, axis=-1)
+        sampled = jax.random.categorical(key, logits_BxV / jnp.maximum(temperature, 1e-6), axis=-1)
+        return jnp.where(temperature > 0, sampled, greedy).astype(prompt_BxP.dtype)
+
+    def step(carry, key):
+        logits_BxV, cache = carry
+        tok_B = pick(logits_BxV, key)
+        new_logits, cache = model.decode(tok_B[:, None], cache)
+        return (new_logits[:, -1], cache), tok_B
+
+    keys = jax.random.split(rng, n)
+    _, toks_NxB = jax.lax.scan(step, (logits[:, -1], cache), keys)
+    return jnp.concatenate([prompt_BxP, toks_NxB.T], axis=1)

@@ -28,6 +28,7 @@ remat: "none"   the scan saves each layer's matmul outputs (jax.checkpoint_polic
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsmooth import attention as attn_fn
 from jaxsmooth import metrics, theory
 from jaxsmooth.attention import dropout as _dropout
 from jaxsmooth.attention import rms_normalize as _rms
@@ -49,37 +51,46 @@ class Block(nnx.Module):
     def __init__(self, config: ModelConfig, *, causal: bool = False, rngs: nnx.Rngs):
         c = config
         alpha, beta = c.alpha_beta
-        self.residual, self.alpha, self.dropout = c.residual, alpha, c.dropout
+        self.residual, self.alpha, self.dropout, self.causal = c.residual, alpha, c.dropout, causal
         self.value_norm, self.ln_eps = c.value_norm, c.ln_eps
         dtype = jnp.dtype(c.dtype)
+        # Dropout keys ride the scan explicitly (keep_rngs=False: no Rng state in the layer stack);
+        # one dropout pattern per example and head, as before (broadcast_dropout=False).
         common = dict(
-            causal=causal, beta=beta, qkv_bias=c.qkv_bias, dropout=c.dropout, dtype=dtype,
-            branch_scale=c.branch_scale, fast_backward=c.fast_backward, rngs=rngs,
+            dtype=dtype, beta=beta, use_bias=c.qkv_bias, value_bias=c.vo_bias, dropout_rate=c.dropout,
+            broadcast_dropout=False, branch_scale=c.branch_scale, fast_backward=c.fast_backward,
+            keep_rngs=False, rngs=rngs,
         )  # fmt: skip
         if c.spectrum is None:
-            self.attn = Attention(c.d_model, c.num_heads, **common)
+            self.attn = Attention(c.num_heads, c.d_model, **common)
         else:
             # The branch is compared with alpha * x on the skip path, so the spectral range is scaled by
             # alpha (only DeepNorm has alpha != 1).
-            self.attn = SpectralAttention(c.d_model, c.num_heads, c.spectrum, alpha=alpha, **common)
+            self.attn = SpectralAttention(c.num_heads, c.d_model, spectrum=c.spectrum, alpha=alpha, **common)
         self.ln1 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
         self.ln2 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
         self.mlp = MLP(c.d_model, c.mlp_dim, beta=beta, dtype=dtype, fast_backward=c.fast_backward, rngs=rngs)
 
     def __call__(
-        self, x_BxTxD, *, mask_BxT=None, dropout_key=None, stats=False, attention=False, value_output=None
-    ):
-        """value_output: this layer's precomputed (w_v, w_o, b_v, b_o), see `_AttentionBase.__call__`."""
+        self, x_BxTxD, *, mask=None, mask_BxT=None, dropout_key=None, stats=False, attention=False,
+        value_output=None, decode=False,
+    ):  # fmt: skip
+        """mask: Flax-style boolean attention mask [B, 1, T, S] (or None); mask_BxT: the [B, T] padding
+        mask the statistics exclude. value_output: this layer's precomputed (w_v, w_o, b_v, b_o), see
+        `_AttentionBase.attend`. decode: attend through the attention's KV cache."""
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         drop = lambda y, k: _dropout(y, self.dropout, k)
-        attend = lambda x, v_in=None: self.attn(
-            x, mask_BxT=mask_BxT, dropout_key=keys[0], return_weights=True, value_output=value_output,
-            v_in=v_in,
-        )  # fmt: skip
+
+        def attend(x, v_in=None):
+            return self.attn.attend(
+                x, x, v_in, mask=mask, deterministic=keys[0] is None, rngs=keys[0], decode=decode,
+                is_causal=self.causal, value_output=value_output,
+            )  # fmt: skip
+
         if self.residual == "pre_ln":
             # value_norm="rms": V reads x / rms(x), so the branch applies H itself whatever LN1's gain is.
-            v_in = _rms(x_BxTxD, eps=self.ln_eps) if self.value_norm == "rms" else None
-            a, att = attend(self.ln1(x_BxTxD), v_in)
+            h = self.ln1(x_BxTxD)
+            a, att = attend(h, _rms(x_BxTxD, eps=self.ln_eps) if self.value_norm == "rms" else None)
             x = x_BxTxD + drop(a, keys[1]).astype(x_BxTxD.dtype)
             x = x + drop(self.mlp(self.ln2(x)), keys[2]).astype(x.dtype)
         else:
@@ -91,20 +102,27 @@ class Block(nnx.Module):
         if stats:
             aux.update(metrics.layer_stats(x, mask_BxT))
         if attention:
-            aux["attention"] = jnp.mean(att, axis=0)  # batch-averaged [H, T, T]
+            aux["attention"] = jnp.mean(att, axis=0)  # batch-averaged [H, T, S]
         return x, aux
 
 
 class Transformer(nnx.Module):
-    """x [B, T, D] -> [B, T, D] through `config.depth` blocks (no embedding)."""
+    """x [B, T, D] -> [B, T, D] through `config.depth` blocks (no embedding).
+
+    Args:
+      config: the stack's shape and options.
+      causal: causal self-attention (a decoder).
+      rngs: parameter randomness.
+    """
 
     def __init__(self, config: ModelConfig, *, causal: bool = False, rngs: nnx.Rngs):
         if not isinstance(config, ModelConfig):
             raise ValueError(f"config must be a jaxsmooth.ModelConfig, got {type(config).__name__}")
         self.config, self.causal = config, causal
 
+        # transform_metadata adds the leading "layers" axis to every parameter's sharding names.
         @nnx.split_rngs(splits=config.depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r: nnx.Rngs) -> Block:
             return Block(config, causal=causal, rngs=r)
 
@@ -126,10 +144,15 @@ class Transformer(nnx.Module):
     ):
         """Returns y_BxTxD, or (y_BxTxD, aux) if return_stats/return_attention.
 
-        aux["<stat>"]: [L] per-layer smoothing metrics of the residual stream after each block (keys:
-        `metrics.LAYER_STAT_KEYS`), and aux["input"]["<stat>"]: the same for the stack's input, so
-        concatenating gives L + 1 points. aux["attention"]: [L, H, T, T] batch-averaged attention.
-        dropout_key=None means deterministic (no dropout).
+        Args:
+          x_BxTxD: the embedded tokens.
+          mask_BxT: padding mask (nonzero = real token): padded keys are never attended to and the
+            statistics leave padded tokens out.
+          dropout_key: PRNG key for dropout; None means deterministic (no dropout).
+          return_stats: also return aux["<stat>"]: [L] per-layer smoothing metrics of the residual stream
+            after each block (keys: `metrics.LAYER_STAT_KEYS`), and aux["input"]["<stat>"]: the same for
+            the stack's input, so concatenating gives L + 1 points.
+          return_attention: also return aux["attention"]: [L, H, T, T] batch-averaged attention.
         """
         c = self.config
         if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != c.d_model:
@@ -137,22 +160,17 @@ class Transformer(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
         keys_L = None if dropout_key is None else jax.random.split(dropout_key, c.depth)
         want = dict(stats=return_stats, attention=return_attention)
+        mask = None if mask_BxT is None else attn_fn.padding_mask(mask_BxT)
 
         def body(x, xs):
             layer_state, vo, key = xs  # vo: precomputed (w_v, w_o, b_v, b_o), or None: compose here
             block = nnx.merge(graphdef, layer_state)
-            y, aux = block(x, mask_BxT=mask_BxT, dropout_key=key, value_output=vo, **want)
+            y, aux = block(x, mask=mask, mask_BxT=mask_BxT, dropout_key=key, value_output=vo, **want)
             return y, aux
 
-        def compose(state_G):  # spectral W_V, W_O of a stack of G layers, one layer at a time
-            # lax.map, not vmap: on CPU a batched QR / triangular solve is one LAPACK custom call that
-            # farms the batch out to XLA's own thread pool and blocks until it is done; inside the train
-            # step those tasks waited behind the other thread's work (QR 5-10 ms alone, 150-220 ms in the
-            # ViT-Tiny step). One matrix per call runs inline on the calling thread.
-            return jax.lax.map(lambda s: nnx.merge(graphdef, s).attn.value_output(), state_G)
-
         x = x_BxTxD.astype(jnp.dtype(c.dtype))
-        x, aux = _run_stack(body, x, state, keys_L, c, None if c.spectrum is None else compose)
+        compose = None if c.spectrum is None else functools.partial(_compose, graphdef)
+        x, aux = _run_stack(body, x, state, keys_L, c, compose)
         if self.final_ln is not None:
             x = self.final_ln(x)
         if not (return_stats or return_attention):
@@ -160,6 +178,42 @@ class Transformer(nnx.Module):
         if return_stats:
             aux["input"] = metrics.layer_stats(x_BxTxD, mask_BxT)
         return x, aux
+
+    # ---- autoregressive decoding with a KV cache ---------------------------------------------------
+    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
+        """An empty KV cache for `decode`: {"key", "value": [L, B, max_length, H, K], "index": 0}."""
+        c = self.config
+        if c.branch_scale == "featscale":
+            raise NotImplementedError("decoding with branch_scale='featscale' is not supported (see layers)")
+        shape = (c.depth, batch_size, max_length, c.num_heads, c.head_dim)
+        return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype),
+                "index": jnp.zeros((), jnp.int32)}  # fmt: skip
+
+    def decode(self, x_BxTxD: jnp.ndarray, cache: dict) -> tuple[jnp.ndarray, dict]:
+        """Run T new tokens (positions cache["index"] ...) through the stack, attending to the cached
+        keys / values of the earlier ones; returns (y_BxTxD, the updated cache). Causal stacks only.
+        Pure: nothing in the module changes, so it jits and scans (`CausalLM.generate`)."""
+        c = self.config
+        if not self.causal:
+            raise ValueError("decode needs a causal Transformer (a bidirectional stack has no cache order)")
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(x, xs):
+            layer_state, vo, k_cache, v_cache = xs
+            block = nnx.merge(graphdef, layer_state)
+            block.attn.cached_key = nnx.Cache(k_cache)
+            block.attn.cached_value = nnx.Cache(v_cache)
+            block.attn.cache_index = nnx.Cache(cache["index"])
+            y, _ = block(x, value_output=vo, decode=True)
+            return y, (block.attn.cached_key[...], block.attn.cached_value[...])
+
+        vo = None if c.spectrum is None else _compose(graphdef, state)
+        x = x_BxTxD.astype(jnp.dtype(c.dtype))
+        x, (k_new, v_new) = jax.lax.scan(body, x, (state, vo, cache["key"], cache["value"]))
+        if self.final_ln is not None:
+            x = self.final_ln(x)
+        index = cache["index"] + x_BxTxD.shape[1]
+        return x, {"key": k_new, "value": v_new, "index": index}
 
     # ---- spectra, read straight from the stacked parameters (no forward pass) -------------------------
     def _per_layer(self, fn):
@@ -193,6 +247,17 @@ class Transformer(nnx.Module):
             theory.effective_update(h, g, c.residual, alpha, value_norm=c.value_norm)
             for h, g in zip(h_LxDxD, gains_LxD, strict=True)
         ])  # fmt: skip
+
+
+def _compose(graphdef, state_G):
+    """Spectral (w_v, w_o, b_v, b_o) of a stack of G layers, one layer at a time.
+
+    lax.map, not vmap: on CPU a batched QR / triangular solve is one LAPACK custom call that farms the
+    batch out to XLA's own thread pool and blocks until it is done; inside the train step those tasks
+    waited behind the other thread's work (QR 5-10 ms alone, 150-220 ms in the ViT-Tiny step). One matrix
+    per call runs inline on the calling thread.
+    """
+    return jax.lax.map(lambda s: nnx.merge(graphdef, s).attn.value_output(), state_G)
 
 
 def nested_group(depth: int) -> int:
