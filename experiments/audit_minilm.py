@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsmooth
-from jaxsmooth import audit, audit_plots, bert, metrics
+from jaxsmooth import audit, bert, metrics
+from jaxsmooth.audit import plots as audit_plots
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -20,8 +20,9 @@ import pytest
 from flax import nnx
 from threadpoolctl import threadpool_limits
 
-from jaxsmooth import audit, audit_plots, bert, cli, theory, train
+from jaxsmooth import audit, bert, cli, theory, train
 from jaxsmooth import data as data_lib
+from jaxsmooth.audit import plots as audit_plots
 from jaxsmooth.checkpoint import Checkpoints
 from jaxsmooth.config import ModelConfig
 
