@@ -519,8 +519,8 @@ def simulate_block(
       ln_gain_D, ln_bias_D: the LayerNorm's gain g [..., D] (None: ones) and bias b (None: zeros), any
         signs.
       alpha: DeepNorm's skip scale (must be 1 for the other residual types).
-      value_norm: "ln" | "rms", what a pre-LN value path reads (must be "ln" for the others, which have
-        no separate value path).
+      value_norm: "ln" | "rms", what a pre-LN value path reads (ignored otherwise: post-LN and DeepNorm
+        branches read the residual stream).
       eps: the LayerNorm / rms epsilon.
     Returns:
       Simulation with the metrics of X_0 .. X_{n_layers} ([n_layers + 1, *batch]) and the final X.
@@ -535,8 +535,6 @@ def simulate_block(
         raise ValueError(f"residual={residual!r} is not allowed; choose one of {', '.join(RESIDUALS)}")
     if value_norm not in VALUE_NORMS:
         raise ValueError(f"value_norm={value_norm!r} is not allowed; choose one of {', '.join(VALUE_NORMS)}")
-    if residual != "pre_ln" and value_norm != "ln":
-        raise ValueError(f"value_norm={value_norm!r} applies to residual='pre_ln' only; leave it at 'ln'")
     if not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha={alpha} must be a finite number > 0")
     if residual != "deepnorm" and alpha != 1.0:

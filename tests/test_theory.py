@@ -557,8 +557,8 @@ def test_simulate_block_matches_a_direct_iteration():
     )
     with pytest.raises(ValueError, match="only residual='deepnorm' scales the skip path"):
         theory.simulate_block(x0_NxD, a_NxN, h_DxD, 1, "post_ln", alpha=2.0)
-    with pytest.raises(ValueError, match="value_norm='rms' applies to residual='pre_ln' only"):
-        theory.simulate_block(x0_NxD, a_NxN, h_DxD, 1, "post_ln", value_norm="rms")
+    with pytest.raises(ValueError, match="value_norm='layer' is not allowed; choose one of rms, ln"):
+        theory.simulate_block(x0_NxD, a_NxN, h_DxD, 1, "pre_ln", value_norm="layer")
     with pytest.raises(ValueError, match="shapes do not chain"):
         theory.simulate_block(x0_NxD, a_NxN, h_DxD[:3, :3], 1, "post_ln")
 

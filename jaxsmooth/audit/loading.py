@@ -77,6 +77,8 @@ class LoadedModel:
     other_gains: list[dict]  # per layer: {name: gain_D} of the other LayerNorms of the layer
     num_heads: int
     alpha: float
+    residual: str  # "pre_ln" | "post_ln" | "deepnorm": selects the effective map (theory.effective_update)
+    value_norm: str  # pre-LN: what the value path reads ("ln" | "rms"); ignored otherwise
     inputs: Any
     measure: Callable[..., tuple[dict, np.ndarray, dict]]
     exact_eigs_LxD: np.ndarray | None = None  # spectral models: eigenvalues exact by construction
@@ -235,6 +237,7 @@ def _load_bert(directory: pathlib.Path, max_len: int, want: tuple, name: str | N
         "mlp_dim": cfg.intermediate_size,
         "hidden_act": cfg.hidden_act,
         "alpha": 1.0,
+        "value_norm": None,
     }
     return LoadedModel(
         kind="bert",
@@ -246,6 +249,8 @@ def _load_bert(directory: pathlib.Path, max_len: int, want: tuple, name: str | N
         other_gains=other,
         num_heads=cfg.num_attention_heads,
         alpha=1.0,
+        residual="post_ln",
+        value_norm="rms",  # ignored for post-LN: the branch reads the residual stream itself
         inputs=inputs,
         measure=measure,
     )
@@ -302,8 +307,14 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
     if not _is_run_config(raw):
         raise AuditError(f"{cfg_path} is not a jaxsmooth run config (no 'model' and 'data' sections)")
     config = ml_collections.ConfigDict(raw)
+    model_dict = config.model.to_dict()
+    # A pre-LN run written before ModelConfig.value_norm existed has no such key, and its value path read
+    # LN1(x): rebuilding it with today's default ("rms") would audit a different model.
+    legacy_value_norm = "value_norm" not in model_dict and model_dict.get("residual", "pre_ln") == "pre_ln"
+    if legacy_value_norm:
+        model_dict["value_norm"] = "ln"
     try:
-        mcfg = ModelConfig.from_dict(config.model.to_dict())
+        mcfg = ModelConfig.from_dict(model_dict)
     except (ValueError, TypeError) as e:
         raise AuditError(f"{cfg_path}: bad model config: {e}") from e
     d = config.data
@@ -373,7 +384,9 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
     gains_Lx2xD = wts["gains"]  # (ln1, ln2) effective gains per block
     alpha = float(mcfg.alpha_beta[0])
     if mcfg.residual == "pre_ln":
-        gain_LxD = gains_Lx2xD[:, 0]  # x + Attn(LN1(x))
+        # x + Attn(LN1(x)): V reads LN1(x) (value_norm "ln", gain folded) or x / rms(x) ("rms": only Q, K
+        # read LN1, and the gain is not folded).
+        gain_LxD = gains_Lx2xD[:, 0]
         sources = [f"layer {l + 1} ln1" for l in range(n_layers)]
     else:  # post_ln / deepnorm: the branch reads the previous block's LN2 output (the raw embedding first)
         gain_LxD = np.concatenate([np.ones((1, width)), gains_Lx2xD[:-1, 1]], axis=0)
@@ -408,7 +421,13 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
         "ln_gain": mcfg.ln_gain,
         "branch_scale": mcfg.branch_scale,
         "alpha": alpha,
+        "value_norm": mcfg.value_norm if mcfg.residual == "pre_ln" else None,
     }
+    if legacy_value_norm:
+        info["value_norm_note"] = (
+            "config.json predates model.value_norm; audited as 'ln' (LN1(x) in the value path), as such "
+            "runs were trained"
+        )
     return LoadedModel(
         kind=kind,
         info=info,
@@ -419,6 +438,8 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
         other_gains=other,
         num_heads=mcfg.num_heads,
         alpha=alpha,
+        residual=mcfg.residual,
+        value_norm=mcfg.value_norm,
         inputs=inputs,
         measure=measure,
         exact_eigs_LxD=wts.get("eigs"),

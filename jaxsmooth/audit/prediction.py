@@ -69,20 +69,48 @@ def prediction_summary(pred: theory.Prediction, tol: float = 1e-6) -> dict:
     return out
 
 
+def fold_description(residual: str, value_norm: str, alpha: float = 1.0) -> str:
+    """Which effective map `theory.effective_update` builds for this block type, in words."""
+    if residual == "pre_ln":
+        if value_norm == "ln":
+            return "C diag(g) H (pre-LN, value path reads LN)"
+        return "H (value path reads x/rms(x))"
+    return (
+        f"H / alpha, alpha = {alpha:g} ({'post-LN' if residual == 'post_ln' else 'DeepNorm'}: the LN gain "
+        "multiplies skip and branch alike, not folded)"
+    )
+
+
 def spectral_audit(
     w_v_LxDxD: np.ndarray,
     w_o_LxDxD: np.ndarray,
     gain_LxD: np.ndarray,
     att_LxHxTxT: np.ndarray,
     *,
+    residual: str,
+    value_norm: str,
     alpha: float = 1.0,
     heads: bool = True,
     tol: float = 1e-6,
 ) -> list[dict]:
     """Per-layer (and per-head) spectra and predictions; one dict per layer, "layer" 1-based.
 
-    w_v, w_o: x @ W convention (H = W_V W_O); gain: the LN gain preceding each attention branch (ones if
-    none); att: the batch-averaged attention of each layer and head; alpha: the skip scale (DeepNorm).
+    Each layer's prediction is `theory.predict(A_l, M_l)` with M_l = `theory.effective_update(H_l, g_l,
+    residual, alpha, value_norm=value_norm)`, the map the block's attention update really applies (see
+    `fold_description`); the spectrum of H_l = W_V W_O itself is reported next to it.
+
+    Args:
+      w_v_LxDxD, w_o_LxDxD: value and output weights in the x @ W convention (H = W_V W_O).
+      gain_LxD: the gain of the LayerNorm whose output the value path reads (pre-LN: the block's LN1);
+        used only for residual="pre_ln" with value_norm="ln".
+      att_LxHxTxT: the input-averaged attention of each layer and head.
+      residual: "pre_ln" | "post_ln" | "deepnorm".
+      value_norm: "ln" | "rms", what a pre-LN value path reads (ignored for the other residual types).
+      alpha: DeepNorm's skip scale (1 otherwise).
+      heads: include per-head entries.
+      tol: tie tolerance of `theory.predict`.
+    Returns:
+      One dict per layer (keys: the `jaxsmooth.audit` docstring).
     """
     w_v = np.asarray(w_v_LxDxD, np.float64)
     w_o = np.asarray(w_o_LxDxD, np.float64)
@@ -91,43 +119,85 @@ def spectral_audit(
     n_layers, d, _ = w_v.shape
     n_heads = att.shape[1]
     k = d // n_heads
+    fold = dict(residual=residual, value_norm=value_norm, alpha=alpha)
     with _one_blas_thread():
-        return [_layer_audit(l, w_v, w_o, gain, att, k, alpha, heads, tol) for l in range(n_layers)]
+        return [_layer_audit(l, w_v, w_o, gain, att, k, fold, heads, tol) for l in range(n_layers)]
 
 
-def _layer_audit(l, w_v, w_o, gain, att, k, alpha, heads, tol) -> dict:
+def _effect(pred: theory.Prediction) -> str:
+    return "smooth" if pred.dc_dominant else "sharpen"
+
+
+def _head_map(w_v_DxD, w_o_DxD, gain_D, cols, residual, value_norm, alpha) -> np.ndarray:
+    """k x k matrix whose eigenvalues are the nonzero ones of the head's effective D x D map.
+
+    The head alone applies X -> X + A_h X M_h with M_h = W_V[:, h] W_O[h, :] folded like the layer
+    (`theory.effective_update`): C diag(g) W_V[:, h] W_O[h, :] for pre-LN "ln", W_V[:, h] W_O[h, :] / alpha
+    otherwise. M_h = P Q with P = (the folded) W_V[:, h] (D x k) and Q = W_O[h, :] (k x D) has rank <= k;
+    its nonzero eigenvalues are those of Q P, and the value coordinates Z = X P follow Z -> Z + A_h Z Q P
+    exactly, while the other D - k directions are left unchanged (mu = 1).
+    """
+    p_DxK = w_v_DxD[:, cols]
+    if residual == "pre_ln" and value_norm == "ln":
+        p_DxK = gain_D[:, None] * p_DxK
+        p_DxK = p_DxK - p_DxK.mean(axis=0, keepdims=True)  # C diag(g) W_V[:, h]
+    elif residual != "pre_ln":
+        p_DxK = p_DxK / alpha
+    return w_o_DxD[cols, :] @ p_DxK
+
+
+def _layer_audit(l, w_v, w_o, gain, att, k, fold, heads, tol) -> dict:
     """One layer of `spectral_audit` (arrays already float64)."""
+    residual, value_norm, alpha = fold["residual"], fold["value_norm"], fold["alpha"]
     n_heads = att.shape[1]
     h_DxD = w_v[l] @ w_o[l]
-    # diag(gamma) H: LN(x) = x_hat diag(gamma), so the branch computes x_hat diag(gamma) W_V W_O.
-    hg_DxD = gain[l][:, None] * h_DxD
+    m_DxD = theory.effective_update(h_DxD, gain[l], residual, alpha, value_norm=value_norm)
     a_TxT = row_stochastic(att[l].mean(axis=0))  # average over heads (inputs already averaged)
-    pred = theory.predict(a_TxT, h_DxD / alpha, tol)
-    pred_g = theory.predict(a_TxT, hg_DxD / alpha, tol)
-    # Reuse the eigen-decompositions predict made (eigenvalues of H / alpha, scaled back).
-    entry = {"layer": l + 1, **eig_summary(pred.spectrum.eigvals_h * alpha)}
+    pred = theory.predict(a_TxT, m_DxD, tol)
+    folds_gain = residual == "pre_ln" and value_norm == "ln"
+    if folds_gain:
+        pred_h = theory.predict(a_TxT, h_DxD, tol)
+        ev_h = pred_h.spectrum.eigvals_h
+        ev_m = theory.effective_eigenvalues(m_DxD, residual, value_norm=value_norm)  # without C's zero
+    else:  # M = H / alpha: one eigen-decomposition serves both (eigenvalues of H / alpha, scaled back)
+        pred_h = pred
+        ev_m = pred.spectrum.eigvals_h
+        ev_h = ev_m * (alpha if residual != "pre_ln" else 1.0)
+    entry = {"layer": l + 1, **eig_summary(ev_h)}
     entry["predicted_regime"] = pred.regime
-    entry["predicted_effect"] = "smooth" if pred.dc_dominant else "sharpen"
+    entry["predicted_effect"] = _effect(pred)
     entry["prediction"] = prediction_summary(pred, tol)
-    entry["ln_folded"] = {
-        **eig_summary(pred_g.spectrum.eigvals_h * alpha),
-        "predicted_regime": pred_g.regime,
-        "predicted_effect": "smooth" if pred_g.dc_dominant else "sharpen",
-        "prediction": prediction_summary(pred_g, tol),
+    entry["effective"] = {
+        "fold": fold_description(residual, value_norm, alpha),
+        **eig_summary(ev_m),
+        "predicted_regime": pred.regime,
+        "predicted_effect": _effect(pred),
+    }
+    # What H alone (/ alpha) would predict: differs from the above only where the gain is folded in.
+    entry["h_alone"] = {
+        "predicted_regime": pred_h.regime,
+        "predicted_effect": _effect(pred_h),
+        "hc_dc_rate": prediction_summary(pred_h, tol)["hc_dc_rate"],
     }
     if heads:
         entry["heads"] = []
         for h in range(n_heads):
             cols = slice(h * k, (h + 1) * k)
-            # Nonzero eigenvalues of W_V[:, h] W_O[h, :] (D x D, rank <= k) = eig(W_O[h, :] W_V[:, h]).
-            m_KxK = w_o[l][cols, :] @ w_v[l][:, cols]
-            mg_KxK = w_o[l][cols, :] @ (gain[l][:, None] * w_v[l][:, cols])
             a_h = row_stochastic(att[l, h])
-            p_h = theory.predict(a_h, m_KxK / alpha, tol)
-            head = {"head": h, **eig_summary(p_h.spectrum.eigvals_h * alpha, with_values=False)}
+            if n_heads == 1:  # k = D: the k x k map has C's structural zero; use the layer's maps
+                p_h, ev_hh, ev_mh = pred, ev_h, ev_m
+            else:
+                m_KxK = _head_map(w_v[l], w_o[l], gain[l], cols, residual, value_norm, alpha)
+                p_h = theory.predict(a_h, m_KxK, tol)
+                ev_mh = p_h.spectrum.eigvals_h
+                if folds_gain:
+                    ev_hh = np.linalg.eigvals(w_o[l][cols, :] @ w_v[l][:, cols])
+                else:
+                    ev_hh = ev_mh * (alpha if residual != "pre_ln" else 1.0)
+            head = {"head": h, **eig_summary(ev_hh, with_values=False)}
             head["predicted_regime"] = p_h.regime
-            head["predicted_effect"] = "smooth" if p_h.dc_dominant else "sharpen"
+            head["predicted_effect"] = _effect(p_h)
             head["prediction"] = prediction_summary(p_h, tol)
-            head["ln_folded"] = eig_summary(np.linalg.eigvals(mg_KxK), with_values=False)
+            head["effective"] = eig_summary(ev_mh, with_values=False)
             entry["heads"].append(head)
     return entry

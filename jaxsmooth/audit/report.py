@@ -13,10 +13,10 @@ from typing import Any
 
 from jaxsmooth import theory
 from jaxsmooth.audit.loading import DEFAULT_MAX_LEN, MINILM, AuditError, load_model
-from jaxsmooth.audit.prediction import spectral_audit
+from jaxsmooth.audit.prediction import fold_description, spectral_audit
 from jaxsmooth.audit.spectra import gain_counts
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the effective map per residual type (see the package docstring)
 REGIMES = theory.REGIMES
 
 # =========================================================================================== the audit
@@ -45,10 +45,21 @@ def audit(
         raise AuditError(f"max_len={max_len} must be >= 2")
     m = load_model(path, step=step, max_len=max_len, texts=texts, data=data, num_inputs=num_inputs)
     stats, att_LxHxTxT, input_info = m.measure(m.inputs)
-    layers = spectral_audit(m.w_v_LxDxD, m.w_o_LxDxD, m.gain_LxD, att_LxHxTxT, alpha=m.alpha, heads=heads)
+    layers = spectral_audit(
+        m.w_v_LxDxD,
+        m.w_o_LxDxD,
+        m.gain_LxD,
+        att_LxHxTxT,
+        residual=m.residual,
+        value_norm=m.value_norm,
+        alpha=m.alpha,
+        heads=heads,
+    )
+    fold = fold_description(m.residual, m.value_norm, m.alpha)
+    folded = m.residual == "pre_ln" and m.value_norm == "ln"
     cos, hfc = stats["token_cosine"], stats["hfc_lfc"]
     for l, entry in enumerate(layers):
-        entry["ln_gain"] = gain_counts(m.gain_LxD[l], m.gain_sources[l])
+        entry["ln_gain"] = gain_counts(m.gain_LxD[l], m.gain_sources[l]) | {"folded": folded}
         entry["ln_gains_other"] = {k: gain_counts(g, k) for k, g in m.other_gains[l].items()}
         if m.exact_eigs_LxD is not None:
             entry["constrained_eigenvalue_range"] = [
@@ -70,18 +81,21 @@ def audit(
         } | entry
     result = {
         "schema_version": SCHEMA_VERSION,
-        "model": m.info,
+        "model": m.info | {"fold": fold},
         **input_info,
         **{key: [float(v) for v in prof] for key, prof in stats.items()},
         "layers": layers,
         "notes": [
             "layer l is 1-based; profile index 0 is the embedding output, index l the output of layer l",
             "dominant_eigenvalue: largest-modulus eigenvalue of W_V W_O (x @ W), imag >= 0 of a pair",
-            "predicted_regime: theory.predict(A, W_V W_O / alpha), A averaged over inputs and heads",
+            f"predicted_regime: theory.predict(A, M) with M = theory.effective_update, here {fold}; A "
+            "averaged over inputs and heads",
+            "effective: spectrum of M (for pre-LN 'ln' without the centring's structural zero); h_alone: "
+            "what H / alpha alone would predict",
             "predicted_effect: smooth if the DC mode (lambda_A = 1) dominates, else sharpen",
             "measured_effect: sign of the change of the mean pairwise token cosine across the layer",
-            "heads: the k nonzero eigenvalues of W_V[:, h] W_O[h, :]; regime of Z = X W_V[:, h] under "
-            "Z + A_h Z W_O[h, :] W_V[:, h]",
+            "heads: the k nonzero eigenvalues of W_V[:, h] W_O[h, :] (and of the head's effective map, "
+            "folded like the layer's); regime of the head's value coordinates under its own attention",
             "the theory models X + A X H; real blocks add LayerNorm, biases, an MLP and input-dependent "
             "attention, so the prediction is a guide",
         ],
@@ -124,9 +138,10 @@ def format_table(result: dict) -> str:
     )
     if pin.get("truncated"):
         head += f"; attention for the prediction: inputs truncated to {pin['seq_len']} tokens"
+    head += f"\neffective map M = {m['fold']}"
     cols = (
-        f"{'layer':>5}  {'dom eig W_V W_O':>16}  {'dom eig diag(g)H':>16}  {'neg H':>5}  {'neg gH':>6}  "
-        f"{'LN g<0':>6}  {'predicted (H)':>17}  {'pred':>7}  {'HC/DC':>6}  {'cos':>6}  {'dcos':>7}  "
+        f"{'layer':>5}  {'dom eig W_V W_O':>16}  {'dom eig M':>16}  {'neg H':>5}  {'neg M':>6}  "
+        f"{'LN g<0':>6}  {'predicted (M)':>17}  {'pred':>7}  {'HC/DC':>6}  {'cos':>6}  {'dcos':>7}  "
         f"{'meas':>7}  {'HFC/LFC':>8}  {'factor':>6}"
     )
     lines = [head, cols, "-" * len(cols)]
@@ -136,7 +151,7 @@ def format_table(result: dict) -> str:
         f"{cos[0]:6.3f}  {'':>7}  {'':>7}  {hfc[0]:8.3f}"
     )
     for e in result["layers"]:
-        f = e["ln_folded"]
+        f = e["effective"]
         lines.append(
             f"{e['layer']:>5}  {_fmt_c(e['dominant_eigenvalue']):>16}  "
             f"{_fmt_c(f['dominant_eigenvalue']):>16}  "
@@ -150,7 +165,7 @@ def format_table(result: dict) -> str:
     lines.append(
         f"predicted effect (DC mode dominant -> smooth) matches the sign of the measured cosine change in "
         f"{n_agree}/{len(result['layers'])} layers.\nneg = fraction of eigenvalues with negative real part; "
-        "HC/DC = max |mu| of non-DC over DC modes of X + A X H (< 1: smooths); factor = measured HFC/LFC "
+        "HC/DC = max |mu| of non-DC over DC modes of X + A X M (< 1: smooths); factor = measured HFC/LFC "
         "after / before the layer."
     )
     return "\n".join(lines)
