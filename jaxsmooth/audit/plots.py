@@ -100,7 +100,7 @@ def plot_eigenvalues(result: dict, path: str | Path) -> Path:
     fold = result.get("model", {}).get("fold", "?")
     for ax, folded, title in (
         (ax_h, False, "eigenvalues of H = W_V W_O"),
-        (ax_g, True, f"eigenvalues of M = {fold}"),
+        (ax_g, True, "eigenvalues of M = " + fold.replace(" (", "\n(", 1)),
     ):
         for e in layers:
             src = e["effective"] if folded else e
@@ -114,7 +114,7 @@ def plot_eigenvalues(result: dict, path: str | Path) -> Path:
         ax.axhline(0, color="0.6", lw=0.8)
         ax.axvspan(-1, 0, color="tab:blue", alpha=0.06, label="[-1, 0): sharpening condition")
         ax.set(xlabel="real part", ylabel="imaginary part")
-        ax.set_title(title, fontsize=9 if folded else None, wrap=True)
+        ax.set_title(title, fontsize=9 if folded else None)
         ax.legend(fontsize=8, loc="upper left")
         fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="layer")
     x = np.arange(1, n + 1)
