@@ -276,9 +276,16 @@ def effective_update(
       no bias, while Q and K still read LN_g(x)): M = H, exactly, up to the positive per-token 1 / rms(x).
       The ln_gain is irrelevant.
     - post_ln (x <- LN_g(x + A x H)) and deepnorm (x <- LN_g(alpha x + A x H)): the gain multiplies skip
-      and branch alike. Writing the block input as x = x_hat G (+ a DC bias term), the block is
-      LN((x_hat + A x_hat G H G^-1 / alpha) alpha G): the one-step map G H G^-1 / alpha is similar to
-      H / alpha, whatever the gains. M = H / alpha; ln_gain is ignored.
+      and branch alike, so it does not fold into the branch: M = H / alpha; ln_gain is ignored. Exactly:
+      the LayerNorm output is S (x + A x H / alpha) C G (S the positive per-token scale), so the
+      linearised block is x -> (x + A x H / alpha) C G, which multiplies the skip path by C G too. For a
+      uniform gain G = c I of either sign this is c (x + A x H / alpha) C: a global factor, which changes
+      no |mu| ranking, times the centring, so M = H / alpha holds up to the centring (whose non-zero
+      eigenvalues are those of the compression onto 1^perp, as for pre_ln). With unequal gains C G is
+      not a multiple of I and the block is not of the form x + A x M for any M: H / alpha is then an
+      approximation (it does not rotate the gain into H the way diag(g) H would, which is worse).
+      `post_ln_smoothing` compares the DC and non-DC modes of the linearised block itself;
+      tests/test_theory.py measures how often each agrees with `simulate_block`.
 
     Args:
       h_DxD: H = W_V W_O of the layer.
@@ -329,13 +336,72 @@ def effective_eigenvalues(m_DxD: Any, residual: str = "pre_ln", *, value_norm: s
     return ev[np.lexsort((ev.imag, ev.real))]
 
 
+@dataclasses.dataclass(frozen=True)
+class DCCompetition:
+    """DC versus non-DC token modes of a linearised block (see `post_ln_smoothing`).
+
+    ``dc_radius``: the largest |mu| over the DC token mode(s) (A-eigenvector parallel to 1);
+    ``non_dc_radius``: the largest |mu| over the other token modes; ``hc_dc_rate`` = non_dc_radius /
+    dc_radius (< 1: the high-frequency part shrinks relative to the DC part per layer, i.e. smoothing);
+    ``dc_dominant`` = hc_dc_rate < 1.
+    """
+
+    dc_radius: float
+    non_dc_radius: float
+    hc_dc_rate: float
+    dc_dominant: bool
+
+
+def post_ln_smoothing(
+    a_NxN: Any, h_DxD: Any, ln_gain_D: Any = None, alpha: float = 1.0, tol: float = 1e-6
+) -> DCCompetition:
+    """Smoothing verdict of the linearised post-LN / DeepNorm block x -> (x + A x H / alpha) C G.
+
+    `effective_update` explains why this is the post-LN map (C = I - 1 1^T / D, G = diag(gain); the
+    per-token scale of the LayerNorm is left out). Every token mode v_j of A (A v_j = lambda_j v_j) is
+    kept, and the features of v_j u^T evolve by F_j = (I + lambda_j H / alpha) C G, so the modes of the
+    block are mu = eig(F_j). Unlike `predict(A, H / alpha)` this keeps the gain on the skip path, which
+    matters when the gains are unequal; for G = c I the two agree up to the centring. Only the DC versus
+    non-DC competition is computed (no regime).
+
+    Args:
+      a_NxN: attention matrix (row-stochastic: its DC mode is lambda = 1 with eigenvector 1).
+      h_DxD: H = W_V W_O.
+      ln_gain_D: the gain of the LayerNorm that closes the block (None: ones).
+      alpha: DeepNorm's skip scale (1 for post-LN).
+      tol: eigenvectors within sqrt(tol) (relative) of span{1} count as DC, as in `predict`.
+    Returns:
+      DCCompetition.
+    """
+    a = _as_matrix(a_NxN, "A", square=True)
+    h = _as_matrix(h_DxD, "H", square=True)
+    d = h.shape[0]
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha={alpha} must be a finite number > 0")
+    g = np.ones(d) if ln_gain_D is None else np.asarray(ln_gain_D, np.float64)
+    if g.shape != (d,):
+        raise ValueError(f"ln_gain has shape {g.shape}; expected ({d},) for a {d}x{d} H")
+    lam_a, v_NxN = np.linalg.eig(a)
+    resid = np.linalg.norm(v_NxN - v_NxN.mean(axis=0, keepdims=True), axis=0)
+    is_dc = resid <= math.sqrt(tol) * np.linalg.norm(v_NxN, axis=0)
+    cg_DxD = (np.eye(d) - 1.0 / d) * g[None, :]  # C G
+    hcg_DxD = (h / alpha) @ cg_DxD
+    radius = np.array([np.max(np.abs(np.linalg.eigvals(cg_DxD + lam * hcg_DxD))) for lam in lam_a])
+    tiny = np.finfo(np.float64).tiny
+    dc = float(radius[is_dc].max()) if is_dc.any() else 0.0
+    other = float(radius[~is_dc].max()) if (~is_dc).any() else 0.0
+    rate = other / max(dc, tiny)
+    return DCCompetition(dc_radius=dc, non_dc_radius=other, hc_dc_rate=rate, dc_dominant=bool(rate < 1.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Simulation with float64 numpy metrics (same definitions as jaxsmooth.metrics, batched over layers).
 
 
 @dataclasses.dataclass(frozen=True)
 class Simulation:
-    """Per-layer metrics of a simulated stack, each [n_layers + 1] (index 0 = the input X_0)."""
+    """Per-layer metrics of a simulated stack, each [n_layers + 1] (index 0 = the input X_0), or
+    [n_layers + 1, *batch] for a batch of stacks (`simulate_block`); x_final is [*batch, n, d]."""
 
     token_cosine: np.ndarray
     abs_cosine: np.ndarray
@@ -345,8 +411,11 @@ class Simulation:
 
 
 def _np_metrics(x_LxNxD: np.ndarray) -> dict[str, np.ndarray]:
-    """token_cosine, abs_cosine, hfc_lfc, sv_ratio for a stack of n x d matrices (float64)."""
-    n = x_LxNxD.shape[1]
+    """token_cosine, abs_cosine, hfc_lfc, sv_ratio for a stack of n x d matrices (float64).
+
+    x_LxNxD may carry more leading axes ([L, ..., N, D]); every metric then has shape [L, ...].
+    """
+    n = x_LxNxD.shape[-2]
     tiny = np.finfo(np.float64).tiny
     norm_LxN = np.linalg.norm(x_LxNxD, axis=-1)
     u_LxNxD = x_LxNxD / np.where(norm_LxN > tiny, norm_LxN, np.inf)[..., None]
@@ -355,16 +424,16 @@ def _np_metrics(x_LxNxD: np.ndarray) -> dict[str, np.ndarray]:
     pairs = max(n * (n - 1), 1)
     cos_L = np.sum(gram_LxNxN * offdiag_NxN, axis=(-1, -2)) / pairs
     abs_L = np.sum(np.abs(gram_LxNxN) * offdiag_NxN, axis=(-1, -2)) / pairs
-    mean_LxD = x_LxNxD.mean(axis=1)
-    hc2_L = np.sum((x_LxNxD - mean_LxD[:, None, :]) ** 2, axis=(-1, -2))
+    mean_LxD = x_LxNxD.mean(axis=-2)
+    hc2_L = np.sum((x_LxNxD - mean_LxD[..., None, :]) ** 2, axis=(-1, -2))
     dc2_L = n * np.sum(mean_LxD**2, axis=-1)
     # Same relative guard as jaxsmooth.metrics: 1e6 cap when the mean is exactly 0, 0 for X = 0.
     hfc_L = np.sqrt(hc2_L / (dc2_L + 1e-12 * (hc2_L + dc2_L) + tiny))
     s_LxK = np.linalg.svd(x_LxNxD, compute_uv=False)
     if s_LxK.shape[-1] >= 2:
-        sv_L = s_LxK[:, 1] / np.maximum(s_LxK[:, 0], tiny)
+        sv_L = s_LxK[..., 1] / np.maximum(s_LxK[..., 0], tiny)
     else:
-        sv_L = np.zeros(x_LxNxD.shape[0])
+        sv_L = np.zeros(x_LxNxD.shape[:-2])
     return {"token_cosine": cos_L, "abs_cosine": abs_L, "hfc_lfc": hfc_L, "sv_ratio": sv_L}
 
 
@@ -396,3 +465,96 @@ def simulate(x0_NxD: Any, a_NxN: Any, h_DxD: Any, n_layers: int, layernorm: bool
         xs_LxNxD[layer] = x
     stats = _np_metrics(xs_LxNxD)
     return Simulation(x_final=x, **stats)
+
+
+def _ln_affine(y_NxD: np.ndarray, gain_D: np.ndarray, bias_D: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over features with gain and bias: (y - mean) / sqrt(var + eps) * gain + bias."""
+    return _layernorm(y_NxD, eps) * gain_D[..., None, :] + bias_D[..., None, :]
+
+
+def _batched(x: Any, name: str, core: int) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim < core:
+        raise ValueError(f"{name} needs at least {core} axes, got shape {arr.shape}")
+    return arr
+
+
+def simulate_block(
+    x0_NxD: Any,
+    a_NxN: Any,
+    h_DxD: Any,
+    n_layers: int,
+    residual: str = "post_ln",
+    *,
+    ln_gain_D: Any = None,
+    ln_bias_D: Any = None,
+    alpha: float = 1.0,
+    value_norm: str = "ln",
+    eps: float = 1e-6,
+) -> Simulation:
+    """Iterate ``n_layers`` identical LayerNorm residual attention blocks (A, H fixed) in float64.
+
+    The attention sub-layer of each residual type, with the LayerNorm LN_{g,b}(y) = (y - mean(y)) /
+    sqrt(var(y) + eps) * g + b over the features of each token (row):
+
+    - pre_ln, value_norm="ln":  X <- X + A LN_{g,b}(X) H   (the standard pre-LN block's value path)
+    - pre_ln, value_norm="rms": X <- X + A (X / rms(X)) H   (rms over features; g and b unused)
+    - post_ln:                  X <- LN_{g,b}(X + A X H)
+    - deepnorm:                 X <- LN_{g,b}(alpha X + A X H)
+
+    There is no MLP, and A does not depend on X. The pre-LN stream is not renormalised (the branch reads
+    a normalised X, so X grows at most linearly with depth and nothing overflows); the metrics are
+    scale-free. `effective_update` gives the matrix M whose `predict(A, M)` these stacks are compared
+    with; tests/test_theory.py measures how often the two agree.
+
+    Every array may carry leading batch axes (broadcast against each other), which simulates many
+    stacks at once: e.g. x0 [B, N, D], A [B, N, N], H [B, D, D], gains [B, D].
+
+    Args:
+      x0_NxD: the input X_0 [..., N, D] (tokens are rows).
+      a_NxN: the attention matrix [..., N, N] (row-stochastic for a softmax; any matrix is accepted).
+      h_DxD: H = W_V W_O [..., D, D].
+      n_layers: number of blocks.
+      residual: "pre_ln" | "post_ln" | "deepnorm".
+      ln_gain_D, ln_bias_D: the LayerNorm's gain g [..., D] (None: ones) and bias b (None: zeros), any
+        signs.
+      alpha: DeepNorm's skip scale (must be 1 for the other residual types).
+      value_norm: "ln" | "rms", what a pre-LN value path reads (ignored otherwise: post-LN and DeepNorm
+        branches read the residual stream).
+      eps: the LayerNorm / rms epsilon.
+    Returns:
+      Simulation with the metrics of X_0 .. X_{n_layers} ([n_layers + 1, *batch]) and the final X.
+    """
+    x = _batched(x0_NxD, "x0", 2)
+    a = _batched(a_NxN, "A", 2)
+    h = _batched(h_DxD, "H", 2)
+    n, d = x.shape[-2:]
+    if a.shape[-2:] != (n, n) or h.shape[-2:] != (d, d):
+        raise ValueError(f"shapes do not chain: X_0 {x.shape}, A {a.shape}, H {h.shape}")
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual={residual!r} is not allowed; choose one of {', '.join(RESIDUALS)}")
+    if value_norm not in VALUE_NORMS:
+        raise ValueError(f"value_norm={value_norm!r} is not allowed; choose one of {', '.join(VALUE_NORMS)}")
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha={alpha} must be a finite number > 0")
+    if residual != "deepnorm" and alpha != 1.0:
+        raise ValueError(f"alpha={alpha}: only residual='deepnorm' scales the skip path (use alpha=1)")
+    g = np.ones(d) if ln_gain_D is None else _batched(ln_gain_D, "ln_gain", 1)
+    b = np.zeros(d) if ln_bias_D is None else _batched(ln_bias_D, "ln_bias", 1)
+    if g.shape[-1] != d or b.shape[-1] != d:
+        raise ValueError(f"ln_gain {g.shape} and ln_bias {b.shape} must end in D={d}")
+    batch = np.broadcast_shapes(x.shape[:-2], a.shape[:-2], h.shape[:-2], g.shape[:-1], b.shape[:-1])
+    x = np.broadcast_to(x, batch + (n, d))
+    xs_LxNxD = np.empty((n_layers + 1,) + x.shape)
+    xs_LxNxD[0] = x
+    for layer in range(1, n_layers + 1):
+        if residual == "pre_ln":
+            if value_norm == "ln":
+                v_NxD = _ln_affine(x, g, b, eps)
+            else:
+                v_NxD = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps)
+            x = x + a @ v_NxD @ h
+        else:
+            x = _ln_affine(alpha * x + a @ x @ h, g, b, eps)
+        xs_LxNxD[layer] = x
+    return Simulation(x_final=x, **_np_metrics(xs_LxNxD))

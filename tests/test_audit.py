@@ -20,8 +20,9 @@ import pytest
 from flax import nnx
 from threadpoolctl import threadpool_limits
 
-from jaxsmooth import audit, audit_plots, bert, cli, theory, train
+from jaxsmooth import audit, bert, cli, theory, train
 from jaxsmooth import data as data_lib
+from jaxsmooth.audit import plots as audit_plots
 from jaxsmooth.checkpoint import Checkpoints
 from jaxsmooth.config import ModelConfig
 
@@ -45,8 +46,8 @@ def packaged_config(spec: str):
     return module.get_config(args or None)
 
 
-def make_run(workdir: pathlib.Path, config, step: int = 3, seed: int = 0) -> pathlib.Path:
-    """A run directory with config.json and one checkpoint of random params."""
+def random_params(config, seed: int = 0) -> dict:
+    """Random normal leaves (std 0.3) of the model's abstract parameter shapes, as a pure dict."""
     mcfg = ModelConfig.from_dict(config.model.to_dict())
     ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
     make = lambda: train.build_model(mcfg, ds, config, nnx.Rngs(params=config.train.seed))
@@ -54,7 +55,12 @@ def make_run(workdir: pathlib.Path, config, step: int = 3, seed: int = 0) -> pat
     # model's abstract shapes. Initialising the real model costs 5-10 s of compilation on 2 CPU cores.
     abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make), nnx.Param, ...)[1])
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.3, a.shape), a.dtype), abstract)
+    return jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.3, a.shape), a.dtype), abstract)
+
+
+def make_run(workdir: pathlib.Path, config, step: int = 3, seed: int = 0, params=None) -> pathlib.Path:
+    """A run directory with config.json and one checkpoint of `params` (default: random_params)."""
+    params = random_params(config, seed) if params is None else params
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     state = {"params": params, "step": jnp.int32(step), "bad_step": jnp.int32(-1)}
@@ -127,16 +133,34 @@ def test_minilm_layout_and_dominant_eigenvalue(minilm_result):
 
 
 @needs_minilm
-def test_minilm_folded_gain_is_the_previous_output_layernorm(minilm_result):
-    """diag(gamma) H with gamma of the LN feeding the branch (embedding LN for layer 1)."""
+def test_minilm_is_post_ln_so_the_gain_is_not_folded(minilm_result):
+    """BERT is post-LN: the effective map is H itself (the LN gain multiplies skip and branch alike), so its
+    spectrum and regime are H's, while the gain is still reported (embedding LN for layer 1)."""
+    r = minilm_result
+    assert r["schema_version"] == 2 and "ln_folded" not in r["layers"][0]
+    assert r["model"]["residual"] == "post_ln" and r["model"]["fold"].startswith(
+        "H / alpha, alpha = 1 (post-LN"
+    )
     cfg, params = bert.load_bert()
-    w_v, w_o = (np.asarray(a, np.float64) for a in bert.value_output_matrices(params, cfg))
     gamma = np.asarray(bert.ln_gains(params)["pre_attention"], np.float64)
-    for l in (0, cfg.num_hidden_layers - 1):
-        ref = largest_modulus(gamma[l][:, None] * (w_v[l] @ w_o[l]))
-        got = complex(*minilm_result["layers"][l]["ln_folded"]["dominant_eigenvalue"])
+    w_v, w_o = (np.asarray(a, np.float64) for a in bert.value_output_matrices(params, cfg))
+    for l in (0, cfg.num_hidden_layers - 1):  # independent reference: H from the weights, unfolded
+        ref = largest_modulus(w_v[l] @ w_o[l])
+        got = complex(*r["layers"][l]["effective"]["dominant_eigenvalue"])
         assert abs(got - complex(ref.real, abs(ref.imag))) <= 1e-8 * abs(ref)
-    assert minilm_result["layers"][0]["ln_gain"]["source"] == "embeddings.LayerNorm"
+    for l, e in enumerate(r["layers"]):
+        eff = e["effective"]
+        assert (
+            eff["dominant_eigenvalue"] == e["dominant_eigenvalue"]
+            and eff["eig_real_min"] == e["eig_real_min"]
+        )
+        assert e["predicted_regime"] == e["h_alone"]["predicted_regime"] == eff["predicted_regime"]
+        assert e["ln_gain"]["folded"] is False
+        assert e["ln_gain"]["min"] == pytest.approx(gamma[l].min())
+        for h in e["heads"]:
+            assert h["effective"]["dominant_eigenvalue"] == h["dominant_eigenvalue"]
+    assert r["layers"][0]["ln_gain"]["source"] == "embeddings.LayerNorm"
+    assert "effective map M = H / alpha" in audit.format_table(r)
 
 
 # ----------------------------------------------------------------------------------------- jaxsmooth runs
@@ -296,7 +320,7 @@ def test_spectral_audit_heads_sum_and_reduced_eigenvalues():
     w_v, w_o = rng.normal(size=(L, D, D)), rng.normal(size=(L, D, D))
     att = rng.random((L, H, T, T))
     att /= att.sum(-1, keepdims=True)
-    (entry,) = audit.spectral_audit(w_v, w_o, np.ones((L, D)), att)
+    (entry,) = audit.spectral_audit(w_v, w_o, np.ones((L, D)), att, residual="pre_ln", value_norm="rms")
     k = D // H
     for h, head in enumerate(entry["heads"]):
         full = w_v[0][:, h * k : (h + 1) * k] @ w_o[0][h * k : (h + 1) * k, :]
@@ -310,3 +334,152 @@ def test_spectral_audit_heads_sum_and_reduced_eigenvalues():
     pred = theory.predict(att[0].mean(0), w_v[0] @ w_o[0])
     assert entry["predicted_regime"] == pred.regime
     assert np.isclose(entry["prediction"]["mu_max"], pred.mu_max)
+    # Pre-LN "ln": each head's effective map is C diag(g) W_V[:, h] W_O[h, :] (D x D, rank k), the layer's
+    # is C diag(g) H; DeepNorm: the head map / alpha, gains ignored.
+    g = rng.normal(size=D)
+    c_DxD = np.eye(D) - 1.0 / D
+    (ln,) = audit.spectral_audit(w_v, w_o, g[None], att, residual="pre_ln", value_norm="ln")
+    (dn,) = audit.spectral_audit(w_v, w_o, g[None], att, residual="deepnorm", value_norm="rms", alpha=2.0)
+    for h in range(H):
+        head_DxD = w_v[0][:, h * k : (h + 1) * k] @ w_o[0][h * k : (h + 1) * k, :]
+        for entry, full in ((ln, c_DxD @ np.diag(g) @ head_DxD), (dn, head_DxD / 2.0)):
+            ev = np.linalg.eigvals(full)
+            top = ev[np.argsort(-np.abs(ev))][:k]
+            eff = entry["heads"][h]["effective"]
+            assert np.isclose(eff["eig_abs_max"], np.abs(top).max())
+            assert np.isclose(eff["eig_real_min"], top.real.min()) and np.isclose(
+                eff["eig_real_max"], top.real.max()
+            )
+            # The head's own (unfolded) spectrum is reported as before.
+            assert np.isclose(entry["heads"][h]["eig_abs_max"], np.abs(np.linalg.eigvals(head_DxD)).max())
+    m_DxD = c_DxD @ np.diag(g) @ w_v[0] @ w_o[0]
+    assert ln["predicted_regime"] == theory.predict(att[0].mean(0), m_DxD).regime
+    assert np.isclose(ln["prediction"]["mu_max"], theory.predict(att[0].mean(0), m_DxD).mu_max)
+    assert np.isclose(
+        dn["prediction"]["mu_max"], theory.predict(att[0].mean(0), w_v[0] @ w_o[0] / 2.0).mu_max
+    )
+
+
+# ----------------------------------------------------------------------------------------- effective map
+
+
+def model_from_params(config, params):
+    """The run's model with these parameters (built abstractly, then filled in: no initialisation)."""
+    mcfg = ModelConfig.from_dict(config.model.to_dict())
+    ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
+    make = lambda: train.build_model(mcfg, ds, config, nnx.Rngs(params=0))
+    graphdef, abstract, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    nnx.replace_by_pure_dict(abstract, params)
+    return nnx.merge(graphdef, abstract, rest)
+
+
+def simulated_effect(a_TxT, h_DxD, gain_D, residual, value_norm, alpha=1.0, n_layers=300) -> str | None:
+    """Smooth / sharpen as measured on `n_layers` copies of the linearised block (theory.simulate_block,
+    zero LN bias, no MLP), from 16 random inputs: final mean token cosine > 0.99 in all of them is smooth,
+    < 0.9 in all of them is sharpen, anything else undecided (None)."""
+    x0 = np.random.default_rng(0).normal(size=(16,) + (a_TxT.shape[0], h_DxD.shape[0]))
+    sim = theory.simulate_block(
+        x0, a_TxT, h_DxD, n_layers, residual, ln_gain_D=gain_D, alpha=alpha, value_norm=value_norm
+    )
+    cos = sim.token_cosine[-1]
+    return "smooth" if np.all(cos > 0.99) else "sharpen" if np.all(cos < 0.9) else None
+
+
+def test_pre_ln_ln_run_folds_negative_gains_into_the_effective_map(tmp_path):
+    """Pre-LN with value_norm="ln": the value path reads LN1(x), so M = C diag(g) H. A sharpening spectral
+    run (every eigenvalue of H in [-1, 0)) with LN1 gains -1 on all channels but one (+0.5) has an effective
+    spectrum on the other side of 0: the audit predicts smoothing where H alone predicts sharpening, and
+    the simulated linearised layers side with the audit."""
+    c = tiny_vit_config("sharpen")
+    c.model.value_norm = "ln"
+    params = random_params(c)
+    blocks = params["transformer"]["blocks"]
+    n_layers, d = blocks["ln1"]["gain"].shape
+    gain_LxD = -np.ones((n_layers, d), np.float32)
+    gain_LxD[:, 0] = 0.5
+    blocks["ln1"]["gain"] = jnp.asarray(gain_LxD)
+    blocks["ln1"]["bias"] = jnp.zeros((n_layers, d))  # no DC drift: the test is about the gain
+    run = make_run(tmp_path / "ln", c, params=params)
+    r = audit.audit(run, num_inputs=8)
+    assert r["model"]["value_norm"] == "ln" and r["model"]["fold"].startswith("C diag(g) H (pre-LN")
+    # Independent reference: the model's own Transformer.effective_update() (reads LN1's gain itself).
+    m_LxDxD = model_from_params(c, params).transformer.effective_update()
+    loaded = audit.load_model(run, num_inputs=8)
+    _, att_LxHxTxT, _ = loaded.measure(loaded.inputs)
+    for l, e in enumerate(r["layers"]):
+        ref = theory.effective_eigenvalues(m_LxDxD[l], "pre_ln", value_norm="ln")
+        eff = e["effective"]
+        assert len(ref) == d - 1  # the centring's structural zero is left out
+        assert eff["eig_real_min"] == pytest.approx(ref.real.min(), abs=1e-5)
+        assert eff["eig_real_max"] == pytest.approx(ref.real.max(), abs=1e-5)
+        assert eff["frac_negative_real"] == pytest.approx(np.mean(ref.real < 0))
+        # H is in [-1, 0) by construction; the negative gains move most of M's spectrum above 0.
+        assert e["eig_real_max"] < 0 and eff["eig_real_max"] > 0 and eff["frac_negative_real"] < 0.5
+        assert e["ln_gain"] == e["ln_gain"] | {"negative": d - 1, "positive": 1, "folded": True}
+        assert e["h_alone"]["predicted_effect"] == "sharpen"
+        assert e["predicted_regime"] == "input_convergence" and e["predicted_effect"] == "smooth"
+        a_TxT = audit.row_stochastic(att_LxHxTxT[l].mean(axis=0))
+        h_DxD = loaded.w_v_LxDxD[l] @ loaded.w_o_LxDxD[l]
+        assert simulated_effect(a_TxT, h_DxD, gain_LxD[l], "pre_ln", "ln") == "smooth"
+        assert len(e["heads"]) == 2 and all("effective" in h for h in e["heads"])
+    assert "effective map M = C diag(g) H" in audit.format_table(r)
+
+
+def test_post_ln_run_ignores_the_gain(tmp_path):
+    """Post-LN: M = H whatever the gains. Two runs with the same weights but LN gains -0.8 (uniform) or +1
+    audit to the same effective spectrum and regime (H's), which the simulated linearised layers of the
+    negative-gain run confirm, while diag(g) H would predict the opposite."""
+    c = tiny_vit_config("sharpen")
+    c.model.residual = "post_ln"
+    results, params = {}, {}
+    for sign, g in (("neg", -0.8), ("pos", 1.0)):
+        p = random_params(c)
+        for ln in ("ln1", "ln2"):
+            shape = p["transformer"]["blocks"][ln]["gain"].shape
+            p["transformer"]["blocks"][ln]["gain"] = jnp.full(shape, g)
+            p["transformer"]["blocks"][ln]["bias"] = jnp.zeros(shape)
+        params[sign] = p
+        results[sign] = audit.audit(make_run(tmp_path / sign, c, params=p), num_inputs=8, heads=False)
+    neg, pos = results["neg"], results["pos"]
+    assert (
+        neg["model"]["fold"].startswith("H / alpha, alpha = 1 (post-LN")
+        and neg["model"]["value_norm"] is None
+    )
+    m_LxDxD = model_from_params(c, params["neg"]).transformer.effective_update()
+    loaded = audit.load_model(tmp_path / "neg", num_inputs=8)
+    _, att_LxHxTxT, _ = loaded.measure(loaded.inputs)
+    for l, (en, ep) in enumerate(zip(neg["layers"], pos["layers"], strict=True)):
+        for key in ("dominant_eigenvalue", "eig_real_min", "eig_real_max", "frac_negative_real"):
+            assert en["effective"][key] == en[key] == ep["effective"][key]
+        np.testing.assert_allclose(m_LxDxD[l], loaded.w_v_LxDxD[l] @ loaded.w_o_LxDxD[l], atol=1e-5)
+        assert en["ln_gain"]["folded"] is False
+        assert en["predicted_effect"] == "sharpen" and en["h_alone"] == en["h_alone"] | {
+            "predicted_effect": "sharpen"
+        }
+        a_TxT = audit.row_stochastic(att_LxHxTxT[l].mean(axis=0))
+        h_DxD = loaded.w_v_LxDxD[l] @ loaded.w_o_LxDxD[l]
+        gain_D = np.full(h_DxD.shape[0], -0.8)
+        assert theory.predict(a_TxT, gain_D[:, None] * h_DxD).regime == "input_convergence"  # the wrong fold
+        assert simulated_effect(a_TxT, h_DxD, gain_D, "post_ln", "ln") == "sharpen"
+    # The gains themselves are still reported: layer 2's attention reads layer 1's LN2 output.
+    assert neg["layers"][1]["ln_gain"]["negative"] == 16 and pos["layers"][1]["ln_gain"]["negative"] == 0
+
+
+def test_run_config_without_value_norm_is_audited_as_ln(sharpen_run, tmp_path):
+    """A pre-LN config.json written before model.value_norm existed: its value path read LN1(x), so the
+    audit rebuilds it with value_norm="ln" (not today's default "rms") and says so."""
+    run = tmp_path / "old"
+    shutil.copytree(sharpen_run, run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"].pop("value_norm") == "rms"
+    (run / "config.json").write_text(json.dumps(cfg))
+    old = audit.audit(run, num_inputs=4, heads=False)
+    assert (
+        old["model"]["value_norm"] == "ln" and "predates model.value_norm" in old["model"]["value_norm_note"]
+    )
+    assert old["model"]["fold"].startswith("C diag(g) H")
+    new = audit.audit(sharpen_run, num_inputs=4, heads=False)
+    assert new["model"]["value_norm"] == "rms" and "value_norm_note" not in new["model"]
+    assert new["model"]["fold"] == "H (value path reads x/rms(x))"
+    # Same weights, different value path: the forward pass (and so the measured cosine) differs too.
+    assert old["token_cosine"][1:] != new["token_cosine"][1:]

@@ -3,8 +3,9 @@
     plot_audit(result, out_dir)  smoothing.png    token cosine and HFC/LFC vs layer (0 = embedding output),
                                                   each layer's point coloured by the effect the spectrum
                                                   predicts (DC mode dominant: smooth, else sharpen)
-                                 eigenvalues.png  eigenvalues of W_V W_O and of diag(gamma) W_V W_O in the
-                                                  complex plane, coloured by layer; real-part range per layer
+                                 eigenvalues.png  eigenvalues of W_V W_O and of the effective map M the
+                                                  block applies (theory.effective_update) in the complex
+                                                  plane, coloured by layer; real-part range per layer
                                  heads.png        per-head dominant eigenvalue (real part) and predicted
                                                   effect, layers x heads (if the audit has per-head data)
     plot_run(workdir, out_dir)   run_smoothing.png, run_eigenvalues.png from metrics.jsonl: the smoothing
@@ -86,8 +87,8 @@ def _eigs(entry: dict) -> np.ndarray:
 
 
 def plot_eigenvalues(result: dict, path: str | Path) -> Path:
-    """Complex-plane scatter of the eigenvalues of H and diag(gamma) H coloured by layer, and the real-part
-    range of each layer (bar: min..max real part, marker: the dominant eigenvalue's real part)."""
+    """Complex-plane scatter of the eigenvalues of H and of the effective map M coloured by layer, and the
+    real-part range of each layer (bar: min..max real part, marker: the dominant eigenvalue's real part)."""
     from matplotlib import cm, colors
 
     layers = result["layers"]
@@ -96,12 +97,13 @@ def plot_eigenvalues(result: dict, path: str | Path) -> Path:
     cmap = cm.viridis
     fig = _figure((16, 4.5))
     ax_h, ax_g, ax_r = fig.subplots(1, 3)
+    fold = result.get("model", {}).get("fold", "?")
     for ax, folded, title in (
-        (ax_h, False, "eigenvalues of W_V W_O"),
-        (ax_g, True, "eigenvalues of diag(gamma) W_V W_O"),
+        (ax_h, False, "eigenvalues of H = W_V W_O"),
+        (ax_g, True, "eigenvalues of M = " + fold.replace(" (", "\n(", 1)),
     ):
         for e in layers:
-            src = e["ln_folded"] if folded else e
+            src = e["effective"] if folded else e
             ev = _eigs(src)
             ax.scatter(ev.real, ev.imag, s=6, color=cmap(norm(e["layer"])), alpha=0.7, lw=0)
             dom = src["dominant_eigenvalue"]
@@ -111,15 +113,16 @@ def plot_eigenvalues(result: dict, path: str | Path) -> Path:
         ax.axvline(0, color="0.6", lw=0.8)
         ax.axhline(0, color="0.6", lw=0.8)
         ax.axvspan(-1, 0, color="tab:blue", alpha=0.06, label="[-1, 0): sharpening condition")
-        ax.set(xlabel="real part", ylabel="imaginary part", title=title)
+        ax.set(xlabel="real part", ylabel="imaginary part")
+        ax.set_title(title, fontsize=9 if folded else None)
         ax.legend(fontsize=8, loc="upper left")
         fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="layer")
     x = np.arange(1, n + 1)
     for offset, folded, colour, label in (
         (-0.12, False, "tab:green", "W_V W_O"),
-        (0.12, True, "tab:purple", "diag(gamma) W_V W_O"),
+        (0.12, True, "tab:purple", "M (effective)"),
     ):
-        srcs = [e["ln_folded"] if folded else e for e in layers]
+        srcs = [e["effective"] if folded else e for e in layers]
         lo = np.asarray([s["eig_real_min"] for s in srcs])
         hi = np.asarray([s["eig_real_max"] for s in srcs])
         dom = np.asarray([s["dominant_eigenvalue"][0] for s in srcs])
