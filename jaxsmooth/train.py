@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsmooth import checkpoint, optim, parallel, runtime
+from jaxsmooth import checkpoint, optim, parallel, runtime, theory
 from jaxsmooth import data as data_lib
 from jaxsmooth.checkpoint import Checkpoints
 from jaxsmooth.config import ModelConfig
@@ -202,13 +202,19 @@ def make_train_step(graphdef, tx, schedule, *, dropout: bool, with_stats: bool, 
         if with_stats:
             metrics["layers"] = {k: aux[k] for k in LOGGED_LAYER_STATS}  # [L] each
             metrics["input"] = {k: aux["input"][k] for k in LOGGED_LAYER_STATS}  # scalars
-            # Spectra of the parameters this forward pass used (before the update).
+            # Spectra of the parameters this forward pass used (before the update): of H, and of the
+            # effective map the block applies (docs/theory.md), exact where known, else on the host.
             stack = nnx.merge(graphdef, state["params"]).transformer
             if spectral:
                 lam_LxD = stack.eigenvalues()  # exact, real
                 metrics["eig_min"], metrics["eig_max"] = jnp.min(lam_LxD, axis=1), jnp.max(lam_LxD, axis=1)
             else:  # unconstrained H has complex eigenvalues: XLA has no general eig; the host computes them
                 metrics["h_LxDxD"] = stack.effective_h()
+            eff_LxD = stack.exact_effective_eigenvalues()
+            if eff_LxD is not None:
+                metrics["eff"] = _eff_summary(eff_LxD, jnp)
+            else:
+                metrics["m_LxDxD"] = stack.effective_update()
         new_state = dict(state, params=params, opt_state=opt_state, step=step + 1, bad_step=bad_step)
         return new_state, metrics
 
@@ -272,7 +278,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def _host_record(step: int, m: dict, alpha: float) -> dict:
+def _host_record(step: int, m: dict, alpha: float, residual: str = "pre_ln", value_norm: str = "rms") -> dict:
     """Device metrics of one step -> a JSON-able record (lists of floats for per-layer arrays)."""
     m = jax.device_get(m)
     rec = {"type": "train", "step": step, "loss": float(m["loss"]), "lr": float(m["lr"])}
@@ -288,7 +294,27 @@ def _host_record(step: int, m: dict, alpha: float) -> dict:
         rec["eig_min"] = np.asarray(m["eig_min"], np.float64).tolist()
         rec["eig_max"] = np.asarray(m["eig_max"], np.float64).tolist()
         rec["eig_alpha"] = alpha  # eigenvalues are of H; the effective update is H / alpha (DeepNorm)
+        if "m_LxDxD" in m:  # effective maps without a closed-form spectrum: complex eigenvalues here
+            eff = [theory.effective_eigenvalues(mm, residual, value_norm=value_norm) for mm in m["m_LxDxD"]]
+            m["eff"] = _eff_summary(np.stack([e.real for e in eff]), np)
+        for k, v in m["eff"].items():
+            rec[f"eff_{k}"] = np.asarray(v, np.float64).tolist()
     return rec
+
+
+def _wrong_side(rec: dict, mcfg: ModelConfig) -> list[float] | None:
+    mode = None if mcfg.spectrum is None else mcfg.spectrum.mode
+    key = {"sharpen": "eff_pos_frac", "smooth": "eff_neg_frac"}.get(mode)
+    return rec.get(key) if key else None
+
+
+def _eff_summary(re_LxD, xp) -> dict:
+    """Per-layer summary of the effective maps' eigenvalues (real parts) [L, D] (xp: jnp or np): the range
+    and the fractions with negative / positive real part (the wrong side is > 0 for sharpen, < 0 for
+    smooth; docs/theory.md)."""
+    return {"re_min": xp.min(re_LxD, axis=1), "re_max": xp.max(re_LxD, axis=1),
+            "neg_frac": xp.mean((re_LxD < 0).astype(xp.float32), axis=1),
+            "pos_frac": xp.mean((re_LxD > 0).astype(xp.float32), axis=1)}  # fmt: skip
 
 
 class Progress:
@@ -499,6 +525,12 @@ def train(
         "hfc_lfc": [last_stats["hfc_lfc_input"], *last_stats["hfc_lfc"]] if last_stats else None,
         "eig_min": last_stats["eig_min"] if last_stats else None,
         "eig_max": last_stats["eig_max"] if last_stats else None,
+        # The effective maps' spectra per layer (docs/theory.md) and the fraction of eigenvalues on the
+        # wrong side of zero for the spectrum's mode (None for modes without a side).
+        **(
+            {k: last_stats.get(k) for k in ("eff_re_min", "eff_re_max", "eff_neg_frac")} if last_stats else {}
+        ),
+        "eff_wrong_frac": _wrong_side(last_stats, run.mcfg) if last_stats else None,
         "num_params": run.num_params,
         "wall_time_s": time.perf_counter() - t_start,
         "steps_per_sec": steps_per_sec,
@@ -617,7 +649,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals)
                 f"non-finite loss, gradient or parameters at step {bad} (loss at step {step}: "
                 f"{float(m['loss'])}); stopped. The last checkpoint ({_last(ckpt)}) is intact."
             )
-        rec = _host_record(step, m, run.mcfg.alpha_beta[0])
+        rec = _host_record(step, m, run.mcfg.alpha_beta[0], run.mcfg.residual, run.mcfg.value_norm)
         last = (step, time.perf_counter())
         first = first or last
         rec["time"] = time.time()  # wall clock (unix seconds)

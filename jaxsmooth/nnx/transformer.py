@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsmooth import attention as attn_fn
-from jaxsmooth import metrics, theory
+from jaxsmooth import metrics
 from jaxsmooth.attention import dropout as _dropout
 from jaxsmooth.attention import rms_normalize as _rms
 from jaxsmooth.config import ModelConfig
@@ -235,18 +235,28 @@ class Transformer(nnx.Module):
         """[L, 2, D] effective LayerNorm gains (ln1, ln2) of every block."""
         return self._per_layer(lambda b: jnp.stack([b.ln1.effective_gain(), b.ln2.effective_gain()]))
 
-    def effective_update(self) -> np.ndarray:
-        """[L, D, D] float64: per layer, the map M whose spectrum decides the one-step regime of the block's
-        attention update (`jaxsmooth.theory.effective_update`: H for pre-LN with value_norm="rms",
-        C diag(ln1 gain) H for value_norm="ln", H / alpha for post-LN and DeepNorm). Host-side numpy."""
+    def effective_update(self) -> jnp.ndarray:
+        """[L, D, D] float32: per layer, the map M whose spectrum decides the one-step regime of the block's
+        attention update (`jaxsmooth.theory.effective_update`, which this equals): H for pre-LN with
+        value_norm="rms", C diag(ln1 gain) H for value_norm="ln", H / alpha for post-LN and DeepNorm.
+        Jit-able."""
         c = self.config
-        h_LxDxD = np.asarray(self.effective_h(), np.float64)
-        gains_LxD = np.asarray(self.ln_gains()[:, 0], np.float64)
-        alpha = c.alpha_beta[0]
-        return np.stack([
-            theory.effective_update(h, g, c.residual, alpha, value_norm=c.value_norm)
-            for h, g in zip(h_LxDxD, gains_LxD, strict=True)
-        ])  # fmt: skip
+        h_LxDxD = self.effective_h()
+        if c.residual != "pre_ln":
+            return h_LxDxD / c.alpha_beta[0]
+        if c.value_norm == "rms":
+            return h_LxDxD
+        gh_LxDxD = self.ln_gains()[:, 0, :, None] * h_LxDxD  # diag(g) H
+        return gh_LxDxD - jnp.mean(gh_LxDxD, axis=1, keepdims=True)  # C diag(g) H
+
+    def exact_effective_eigenvalues(self) -> jnp.ndarray | None:
+        """[L, D] real eigenvalues of `effective_update()` when they are known exactly without an
+        eigensolver (spectral attention whose effective map is H / alpha: pre-LN with value_norm="rms",
+        post-LN, DeepNorm), else None (compute them on the host: `theory.effective_eigenvalues`)."""
+        c = self.config
+        if c.spectrum is None or (c.residual == "pre_ln" and c.value_norm == "ln"):
+            return None
+        return self.eigenvalues() / (c.alpha_beta[0] if c.residual != "pre_ln" else 1.0)
 
 
 def _compose(graphdef, state_G):
