@@ -66,8 +66,9 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
             if len(steps) > 1:
                 mids = (np.asarray(steps[:-1]) + np.asarray(steps[1:])) / 2
                 edges = np.concatenate([[2 * steps[0] - mids[0]], mids, [2 * steps[-1] - mids[-1]]])
-            mesh = ax.pcolormesh(edges, np.arange(z_LxS.shape[0] + 1) - 0.5, z_LxS, shading="flat",
-                                 cmap="viridis", **({} if log else {"vmin": min(0.0, float(z_LxS.min())), "vmax": 1.0}))  # fmt: skip
+            limits = {} if log else {"vmin": min(0.0, float(z_LxS.min())), "vmax": 1.0}
+            rows = np.arange(z_LxS.shape[0] + 1) - 0.5
+            mesh = ax.pcolormesh(edges, rows, z_LxS, shading="flat", cmap="viridis", **limits)
             fig.colorbar(mesh, ax=ax, label=label)
             ax.set(xlabel="step", ylabel="layer (0 = input)", title=f"{label} over training")
         last = stats[-1]
