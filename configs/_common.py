@@ -158,8 +158,8 @@ def spectrum(
     c.hi = _unset(hi, float)  # upper end of the interval (None: mode default)
     c.max_cond = 10.0  # basis=general: bound on the condition number of V
     c.margin = 1e-6  # keeps open interval ends open, as a fraction of hi - lo
-    c.init = "uniform"  # initial eigenvalues: uniform (central 90% of the interval) | matched (baseline's)
-    c.init_scale = 1.0  # multiplies the initial eigenvalues
+    c.init = "matched"  # initial eigenvalues: matched (the baseline's |Re eig|) | uniform (over the interval)
+    c.init_scale = 0.5  # multiplies the initial eigenvalues (0.5: a deep smooth stack starts uncollapsed)
     c.param_scale = "width"  # width: parameters at the baseline's entry scale | unit: the paper's
     return _override(c, overrides, "model.spectrum")
 

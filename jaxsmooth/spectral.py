@@ -207,8 +207,11 @@ def init(
       it up to cond(V) <= max_cond.
     - eigenvalues (`Spectrum.init`): "uniform" over the central 90% of the mode's interval ([-1, 1] for
       "free"), so none starts at (or clipped to) an end point where the clip has no gradient; "matched":
-      |lambda| ~ Uniform(0, 1), the law of |eig(W_V W_O)| for the baseline's xavier W_V, W_O at init,
-      with the mode's sign (random signs for neutral and free), then clipped into the interval. Both times
+      |lambda| distributed as |Re mu| for mu an eigenvalue of the baseline's W_V W_O at init (xavier W_V,
+      W_O: mu = r e^(i phi) with r ~ Uniform(0, 1) and a uniform phase, measured; mean |Re mu| = 1/pi):
+      the real part is what grows or shrinks the DC mode per layer (|1 + mu| ~ 1 + Re mu), so each
+      eigenvalue pushes as hard as a baseline eigenvalue does, but all one way. The mode gives the sign
+      (random signs for neutral and free); magnitudes are kept inside the central 90% of the interval. Both times
       `Spectrum.init_scale` and `scale`. DeepNorm passes scale = beta^2: beta multiplies W_V and W_O at
       init, so it multiplies H = W_V W_O, hence lambda, by beta^2, exactly as for the unconstrained model.
 
@@ -225,11 +228,18 @@ def init(
         raise ValueError(f"width d={d!r} must be a positive integer")
     k_theta, k_w, k_lam, k_sign = jax.random.split(key, 4)
     lo, hi = (-1.0, 1.0) if spectrum.mode == "free" else (spectrum.lo, spectrum.hi)
+    pad = 0.05 * (hi - lo)
     if spectrum.init == "uniform":
-        pad = 0.05 * (hi - lo)
         lam_D = jax.random.uniform(k_lam, (d,), jnp.float32, lo + pad, hi - pad)
-    else:  # matched: baseline moduli, the mode's sign
-        mod_D = jax.random.uniform(k_lam, (d,), jnp.float32, 0.0, 1.0)
+    else:  # matched: |lambda| ~ |Re mu| of the baseline's eigenvalues mu = r e^(i phi), the mode's sign
+        k_r, k_phi = jax.random.split(k_lam)
+        r_D = jax.random.uniform(k_r, (d,), jnp.float32, 0.0, 1.0)
+        mod_D = r_D * jnp.abs(jnp.cos(jax.random.uniform(k_phi, (d,), jnp.float32, 0.0, 2 * math.pi)))
+        # Kept off the interval's ends, as "uniform" is: an eigenvalue clipped to an end has no gradient.
+        if spectrum.mode in ("sharpen", "smooth"):
+            mod_D = jnp.clip(mod_D, pad, hi - lo - pad)
+        else:
+            mod_D = jnp.minimum(mod_D, min(abs(lo), abs(hi)) - pad)
         if spectrum.mode in ("sharpen", "smooth"):
             sign_D = jnp.full((d,), -1.0 if spectrum.mode == "sharpen" else 1.0, jnp.float32)
         else:

@@ -4,6 +4,7 @@ Every check composes H = W_V W_O in float32 through the library and verifies it 
 eigenvalues, so a bug in the library's own eigenvalue bookkeeping cannot hide itself.
 """
 
+import dataclasses
 import itertools
 
 import jax
@@ -166,8 +167,10 @@ def test_deepnorm_range_refers_to_effective_update():
     np.testing.assert_allclose(lam, [-2.0, 1.0, 0.0])
 
 
+@pytest.mark.parametrize("init", ["uniform", "matched"])
 @pytest.mark.parametrize("spectrum", COMBOS, ids=_ids)
-def test_init_is_interior_and_scaled(spectrum):
+def test_init_is_interior_and_scaled(spectrum, init):
+    spectrum = dataclasses.replace(spectrum, init=init, init_scale=1.0)
     theta, psi = spectral.init(jax.random.key(0), 64, spectrum, alpha=6.687, scale=0.106**2)
     lam = np.asarray(spectral.eigenvalues(psi, spectrum, 6.687))
     lo, hi = (-1.0, 1.0) if spectrum.mode == "free" else (spectrum.lo, spectrum.hi)
