@@ -211,9 +211,10 @@ def init(
       W_O: mu = r e^(i phi) with r ~ Uniform(0, 1) and a uniform phase, measured; mean |Re mu| = 1/pi):
       the real part is what grows or shrinks the DC mode per layer (|1 + mu| ~ 1 + Re mu), so each
       eigenvalue pushes as hard as a baseline eigenvalue does, but all one way. The mode gives the sign
-      (random signs for neutral and free); magnitudes are kept inside the central 90% of the interval. Both times
-      `Spectrum.init_scale` and `scale`. DeepNorm passes scale = beta^2: beta multiplies W_V and W_O at
-      init, so it multiplies H = W_V W_O, hence lambda, by beta^2, exactly as for the unconstrained model.
+      (random signs for neutral and free); magnitudes are kept inside the central 90% of the interval.
+      Both times `Spectrum.init_scale` and `scale`. DeepNorm passes scale = beta^2: beta multiplies W_V
+      and W_O at init, so it multiplies H = W_V W_O, hence lambda, by beta^2, exactly as for the
+      unconstrained model.
 
     Args:
       key: PRNG key.
