@@ -3,7 +3,7 @@
 Letters (used in names and einsum strings throughout jaxsmooth):
     B batch, T query tokens, S key tokens, D width, H heads, K head width (D = H K), M MLP width, L layers.
 
-One residual attention layer is X + A X H with H = W_V W_O (PAPER.md section 1); here A is
+One residual attention layer is X + A X H with H = W_V W_O (docs/theory.md section 1); here A is
 softmax(Q K^T / sqrt(K)) per head and head h applies columns h*K:(h+1)*K of W_V and the same rows of W_O.
 Logits, softmax and LayerNorm statistics are computed in float32 whatever the compute dtype.
 
@@ -27,9 +27,9 @@ _NEG = -1e30  # additive mask value; finite so fully-masked rows give a uniform 
 def layer_norm(
     x_BxTxD: jnp.ndarray, gain_D: jnp.ndarray, bias_D: jnp.ndarray, *, eps: float, positive: bool = False
 ) -> jnp.ndarray:
-    """LN over features with float32 statistics. positive=True uses softplus(gain) > 0 as the gain, so the
-    effective attention map diag(gain) H keeps the eigenvalue signs of a symmetric H (Sylvester's law of
-    inertia; a negative gain would flip them, PAPER.md section 1)."""
+    """LN over features with float32 statistics. positive=True uses softplus(gain) > 0 as the gain. A pre-LN
+    value path that reads this output applies C diag(gain) H, whose signs a negative gain flips and which
+    even positive unequal gains do not keep (docs/theory.md section 2); value_norm="rms" avoids it."""
     x32 = x_BxTxD.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)

@@ -54,9 +54,10 @@ Post-LN and the spectral audit
 BERT is post-LN: x_{l+1/2} = LN_attn(x_l + Attn(x_l)), x_{l+1} = LN_ffn(x_{l+1/2} + FFN(x_{l+1/2})).
 The attention branch of layer l therefore reads the output of the LayerNorm that *closed the previous
 layer*: for l > 0 that is ``ffn_ln`` of layer l - 1, for l = 0 it is the embedding LayerNorm. Its gain
-gamma multiplies channels of the branch input, so the effective value-output map of layer l is about
-diag(gamma_pre[l]) W_V W_O (PAPER.md section 1). ``ln_gains(params)["pre_attention"]`` gives exactly that
-gain per layer.
+gamma multiplies skip and branch alike (the branch's update relative to the skip path is
+diag(gamma) W_V W_O diag(gamma)^-1, similar to W_V W_O), so the gain does not fold into the map: the
+effective map of layer l is W_V W_O itself (docs/theory.md section 2). ``ln_gains(params)["pre_attention"]``
+gives that gain per layer, for the audit's sign counts.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Oversmoothing metrics on token batches (PAPER.md section 3).
+"""Oversmoothing metrics on token batches (docs/theory.md section 4).
 
 Every metric takes ``x_BxTxD`` (B examples, T token slots, D features; tokens are rows, as in
-X in R^{n x d} of PAPER.md) and an optional ``mask_BxT`` (nonzero = real token, 0 = padding) and
+X in R^{n x d} of docs/theory.md) and an optional ``mask_BxT`` (nonzero = real token, 0 = padding) and
 returns one value per example, shape [B]; callers average. Padding tokens are excluded from every
 statistic: below, n is the number of real tokens of an example and sum_i runs over real tokens only.
 

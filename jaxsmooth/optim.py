@@ -1,4 +1,4 @@
-"""The optimiser: one function of `config.opt` (STYLE.md point 11).
+"""The optimiser: one function of `config.opt`.
 
     tx = chain(clip_by_global_norm(clip_norm),
                adamw(schedule, b1, b2, eps, weight_decay, mask=<precomputed bool tree>))
@@ -19,7 +19,7 @@ Never decayed: LNGain, BranchScale, biases and other vectors (their scale is mea
 smoothing, docs/theory.md), positional embeddings and the [CLS] token ([1, T, D] / [1, 1, D]: not maps
 between features, and decaying them only erases position information early in training).
 The mask is a precomputed *tree* of bools, not a function: a mask function inside
-`optax.inject_hyperparams` is silently treated as a hyperparameter and disables decay (STYLE.md point 11).
+`optax.inject_hyperparams` is silently treated as a hyperparameter and disables decay.
 
 Params here are the pure-dict form (`nnx.to_pure_dict`) of `nnx.split(model, nnx.Param, ...)[1]`
 (nested dicts of arrays), the form the trainer keeps and checkpoints; the mask is built from the typed

@@ -1,4 +1,4 @@
-"""Eigen-theory of the linear residual attention layer X_{l+1} = X_l + A X_l H (PAPER.md section 1).
+"""Eigen-theory of the linear residual attention layer X_{l+1} = X_l + A X_l H (docs/theory.md section 1).
 
 Tokens are rows: X in R^{n x d}, A in R^{n x n} row-stochastic (the attention matrix, held fixed),
 H = W_V W_O in R^{d x d}. Write the layer map as T(X) = X + A X H. Linear algebra runs on the host in
@@ -23,7 +23,7 @@ row space in S_H = span{u_i : (i, j) in D}; with r_A = dim S_A, r_H = dim S_H (c
 to the real dimensions of the conjugation-closed spans), rank P_L <= min(r_A, r_H), with equality for
 generic X_0.
 
-Regimes (our precise definitions; PAPER.md states them informally), strongest first:
+Regimes (our precise definitions; the paper states them informally), strongest first:
 
 - "input_convergence": r_A = 1 and S_A = span{1}. Then P_L = 1 b_L^T: every token converges to the
   same vector b_L (which may still rotate from layer to layer if the dominant lambda^H are a complex

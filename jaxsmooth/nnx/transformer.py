@@ -1,5 +1,5 @@
 """The block stack: `depth` blocks built by nnx.vmap and run by a scan, so init and compile time do not
-grow with depth (PAPER.md section 4 for DeepNorm; STYLE.md points 3-5, 10).
+grow with depth (docs/theory.md section 5 for DeepNorm).
 
     pre_ln:   x = x + Attn(LN1(x));            x = x + MLP(LN2(x));            final LN after the stack
     post_ln:  x = LN1(x + Attn(x));            x = LN2(x + MLP(x))

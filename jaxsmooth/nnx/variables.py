@@ -3,7 +3,7 @@
     EigBasis     parameters of the eigenvector matrix V (theta; QR makes them scale-invariant)
     EigVals      the free eigenvalue vector psi (lambda = f(psi), bounded by the Spectrum)
     BranchScale  AttnScale / FeatScale coefficients (Wang et al. 2022), init 0
-    LNGain       LayerNorm gains (their sign matters for smoothing, PAPER.md section 1)
+    LNGain       LayerNorm gains (their sign can matter for smoothing, docs/theory.md section 2)
 All subclass nnx.Param, so `nnx.Param` filters still see every trainable parameter.
 """
 
