@@ -1,4 +1,4 @@
-"""jaxsmooth.theory: the eigen-matrix identity, predict() against simulate(), and the paper's claims (docs/theory.md).
+"""jaxsmooth.theory: the eigen-matrix identity, predict() vs simulate(), the claims of docs/theory.md.
 
 Everything here is float64 numpy on small matrices (n in 4..8 tokens, d in 3..6 features).
 """
@@ -47,7 +47,7 @@ A_KINDS = ("softmax", "anti", "ctrl")
 
 
 def make_h(rng: np.random.Generator, d: int, kind: str) -> np.ndarray:
-    """H = W_V W_O with a spectrum of the given kind (docs/theory.md section 3 families, plus general ones)."""
+    """H = W_V W_O with a spectrum of the given kind (docs/theory.md section 3 families, and general ones)."""
     if kind == "complex":
         # A plain random real non-symmetric matrix (complex spectrum), shifted to move it around 0.
         g = rng.normal(size=(d, d)) / math.sqrt(d)
