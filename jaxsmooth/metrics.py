@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -71,6 +72,11 @@ def _prepare(
     Returns (x_BxTxD, m_BxT in {0, 1}, n_B real-token counts, scale_B with x_in = scale * x_out).
     """
     x_BxTxD = jnp.asarray(x_BxTxD)
+    # The public boundary: a [B, T, D] float batch and a [B, T] mask (chex names the bad input).
+    chex.assert_rank(x_BxTxD, 3)
+    chex.assert_type(x_BxTxD, float)
+    if mask_BxT is not None:
+        chex.assert_shape(mask_BxT, x_BxTxD.shape[:2])
     dtype = jnp.promote_types(x_BxTxD.dtype, jnp.float32)
     x_BxTxD = x_BxTxD.astype(dtype)
     if mask_BxT is None:

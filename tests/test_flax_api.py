@@ -3,6 +3,7 @@ nn.MultiHeadDotProductAttention works with only the class swapped (plus spectrum
 unconstrained layer gives Flax's outputs (masks, leading batch dims, cross-attention); dropout follows
 .train()/.eval() and `deterministic`; sow_weights sows; the KV cache equals full recomputation."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,8 @@ def test_nnx_block_works_with_only_the_class_swapped(cls):
     y1, y2 = block(x, mask), block(x, mask)
     np.testing.assert_array_equal(y1, y2)  # eval: deterministic
     weights = nnx.pop(block, nnx.Intermediate)["attn"]["attention_weights"].get_value()[-1]
-    assert weights.shape == (2, 3, H, T, T)
-    np.testing.assert_allclose(weights[..., :3, :].sum(-1), 1.0, atol=1e-5)
+    chex.assert_shape(weights, (2, 3, H, T, T))
+    chex.assert_trees_all_close(weights[..., :3, :].sum(-1), jnp.ones((2, 3, H, 3)), atol=1e-5)
     assert float(jnp.abs(weights[..., :3, 3:]).max()) == 0.0  # padded keys get no weight
     block.train()
     z1, z2 = block(x, mask), block(x, mask)
@@ -130,7 +131,7 @@ def test_kv_cache_decoding_equals_full_causal_recomputation(spectral):
     layer.init_cache(x.shape)
     chunks = [x[:, :3], x[:, 3:4], x[:, 4:6], x[:, 6:]]  # a prompt, then 1 or 2 tokens at a time
     got = jnp.concatenate([layer(c, decode=True) for c in chunks], axis=1)
-    np.testing.assert_allclose(got, full, atol=2e-5)
+    chex.assert_trees_all_close(got, full, atol=2e-5)
     assert int(layer.cache_index[...]) == 7
     # Linen: init shapes the cache from the full-length input, then tokens are fed
     lin = jlinen.SpectralAttention(num_heads=H, spectrum=SPEC, decode=True)
