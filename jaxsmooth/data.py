@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
+import os
 import pickle
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -84,6 +86,8 @@ class Dataset:
     num_classes: int | None = None  # images only
     image_shape: tuple[int, int, int] | None = None  # (H, W, C), images only
     vocab: tuple[str, ...] | None = None  # sorted characters, text only
+    x_val: np.ndarray | None = None  # the validation split carved from the training split (`prepare`)
+    y_val: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int | None:
@@ -348,24 +352,124 @@ def load(name: str, **kwargs: Any) -> Dataset:
     return _LOADERS[name](**kwargs)
 
 
-def prepare(ds: Dataset, train_fraction: float = 1.0, seed: int = 0) -> Dataset:
-    """Keep a seeded subset of round(train_fraction * N) training items (class-stratified for images).
+VAL_SEED = 20240101  # the validation split does not depend on data.seed: every seed is judged on it
 
-    Text keeps a seeded random contiguous window instead: scattered characters are no corpus.
+
+def prepare(
+    ds: Dataset,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+    *,
+    val_size: int = 0,
+    corrupt_train: str | None = None,
+) -> Dataset:
+    """The training data a run uses: a validation split, a subset, and optionally corrupted images.
+
+    Args:
+      ds: the loaded dataset.
+      train_fraction: keep a seeded subset of round(train_fraction * N) of the training items left after
+        the validation split (class-stratified for images; text keeps a seeded contiguous window, since
+        scattered characters are no corpus).
+      seed: draws the subset (data.seed).
+      val_size: carve this many training items out as the validation split first (images: class-
+        stratified, drawn with a fixed seed, so every run and seed is judged on the same items; text: the
+        last val_size characters of the training stream). 0: no validation split.
+      corrupt_train: "name:severity" (`corrupt`): corrupt the training and validation images (the test
+        set stays clean; evaluate corrupted test sets with `corrupted_test`). None or "none": clean.
+    Returns:
+      The prepared Dataset (x_val / y_val set when val_size > 0).
     """
     _check_fraction("train_fraction", train_fraction, allow_one=True)
-    if train_fraction == 1:
-        return ds
-    n_total = len(ds.x_train)
-    n = round(train_fraction * n_total)
-    if n < 1:
-        raise ValueError(f"train_fraction={train_fraction} keeps none of the {n_total} training items")
-    rng = np.random.default_rng(seed)
-    if ds.kind == "text":
-        start = int(rng.integers(0, n_total - n + 1))
-        return replace(ds, x_train=ds.x_train[start : start + n])
-    keep = _stratified_pick(ds.y_train, n, rng)
-    return replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+    if not (isinstance(val_size, int | np.integer) and 0 <= val_size < len(ds.x_train)):
+        raise ValueError(f"data.val_size={val_size!r} must be an integer in [0, {len(ds.x_train)})")
+    if val_size:
+        if ds.kind == "text":
+            if val_size < 2:
+                raise ValueError(
+                    f"data.val_size={val_size} characters is too short for a text validation split"
+                )
+            cut = len(ds.x_train) - val_size
+            ds = replace(ds, x_train=ds.x_train[:cut], x_val=ds.x_train[cut:])
+        else:
+            val = _stratified_pick(ds.y_train, val_size, np.random.default_rng(VAL_SEED))
+            keep = np.setdiff1d(np.arange(len(ds.x_train)), val)
+            ds = replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep], x_val=ds.x_train[val],
+                         y_val=ds.y_train[val])  # fmt: skip
+    if train_fraction != 1:
+        n_total = len(ds.x_train)
+        n = round(train_fraction * n_total)
+        if n < 1:
+            raise ValueError(f"train_fraction={train_fraction} keeps none of the {n_total} training items")
+        rng = np.random.default_rng(seed)
+        if ds.kind == "text":
+            start = int(rng.integers(0, n_total - n + 1))
+            ds = replace(ds, x_train=ds.x_train[start : start + n])
+        else:
+            keep = _stratified_pick(ds.y_train, n, rng)
+            ds = replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+    name, severity = parse_corruption(corrupt_train)
+    if name is not None:
+        if ds.kind != "image":
+            raise ValueError("data.corrupt_train applies to image datasets only")
+        x_val = None if ds.x_val is None else corrupt_cached(ds.x_val, name, severity, seed=1)
+        ds = replace(ds, x_train=corrupt_cached(ds.x_train, name, severity, seed=0), x_val=x_val)
+    return ds
+
+
+def parse_corruption(spec: str | None) -> tuple[str | None, int]:
+    """ "name:severity" -> (name, severity); None / "" / "none" -> (None, 0). Validated."""
+    if spec in (None, "", "none"):
+        return None, 0
+    name, sep, sev = str(spec).partition(":")
+    if not sep or not sev.isdigit() or name not in SMALL_IMAGE_CORRUPTIONS or not 1 <= int(sev) <= 5:
+        raise ValueError(
+            f"corruption {spec!r} must be NAME:SEVERITY with SEVERITY in 1..5 and NAME one of "
+            f"{', '.join(SMALL_IMAGE_CORRUPTIONS)}"
+        )
+    return name, int(sev)
+
+
+def parse_corruptions(specs: str | None) -> list[tuple[str, int]]:
+    """ "a:3,b:5" -> [("a", 3), ("b", 5)] (validated); None / "" -> []."""
+    out = [parse_corruption(s.strip()) for s in (specs or "").split(",") if s.strip()]
+    return [(n, s) for n, s in out if n is not None]
+
+
+def corrupted_test(ds: Dataset, name: str, severity: int, max_examples: int = 0) -> Dataset:
+    """The dataset with its (first max_examples) test images corrupted (seeded, cached on disk)."""
+    x = ds.x_test[:max_examples] if max_examples else ds.x_test
+    y = ds.y_test[:max_examples] if max_examples else ds.y_test
+    return replace(ds, x_test=corrupt_cached(x, name, severity, seed=2), y_test=y)
+
+
+def cache_dir() -> Path:
+    """Where generated data (corrupted image sets) is cached: $JAXSMOOTH_CACHE or ~/.cache/jaxsmooth."""
+    return Path(os.environ.get("JAXSMOOTH_CACHE") or Path.home() / ".cache" / "jaxsmooth")
+
+
+def corrupt_cached(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
+    """`corrupt`, cached on disk by a hash of the images and the arguments (generated data is never
+    committed; a study corrupts the same 55,000 images in many runs)."""
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    h = hashlib.sha256(x.tobytes())
+    h.update(f"{name}:{severity}:{seed}:{x.shape}".encode())
+    path = cache_dir() / "corrupted" / f"{h.hexdigest()[:24]}.npy"
+    if path.is_file():
+        try:
+            out = np.load(path)
+            if out.shape == x.shape:
+                return out
+        except (OSError, ValueError):
+            pass  # a damaged cache file is recomputed and replaced
+    out = corrupt(x, name, severity, seed=seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, out)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # no writable cache: the result is still returned
+    return out
 
 
 # ------------------------------------------------------------ batching
@@ -422,23 +526,35 @@ class Batcher:
 
 
 def eval_batches(
-    ds: Dataset, batch_size: int, seq_len: int | None = None
+    ds: Dataset, batch_size: int, seq_len: int | None = None, split: str = "test", max_examples: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """The test split in order as (x, y, n_valid), zero-padded to batch_size rows so shapes stay static.
+    """A split ("test", "val" or "train") in order as (x, y, n_valid), zero-padded to batch_size rows so
+    shapes stay static; at most max_examples items (0: all; for text, windows).
 
     Rows >= n_valid are padding (label 0) and must be masked. Text is cut into consecutive windows of
     seq_len characters with next-character targets; the final (len - 1) % seq_len targets are dropped.
     """
+    if split not in ("test", "val", "train"):
+        raise ValueError(f"split={split!r}; choose test, val or train")
+    xs, ys = {"test": (ds.x_test, ds.y_test), "val": (ds.x_val, ds.y_val), "train": (ds.x_train, ds.y_train)}[
+        split
+    ]
+    if xs is None:
+        raise ValueError(
+            f"dataset {ds.name!r} has no {split} split (set data.val_size for a validation split)"
+        )
     if ds.kind == "text":
         if seq_len is None or seq_len < 1:
             raise ValueError(f"text evaluation needs seq_len >= 1, got {seq_len}")
-        n_win = (len(ds.x_test) - 1) // seq_len
+        n_win = (len(xs) - 1) // seq_len
         if n_win == 0:
-            raise ValueError(f"the {len(ds.x_test)}-character test split is too short for seq_len={seq_len}")
-        x_all = ds.x_test[: n_win * seq_len].reshape(n_win, seq_len)
-        y_all = ds.x_test[1 : n_win * seq_len + 1].reshape(n_win, seq_len)
+            raise ValueError(f"the {len(xs)}-character {split} split is too short for seq_len={seq_len}")
+        x_all = xs[: n_win * seq_len].reshape(n_win, seq_len)
+        y_all = xs[1 : n_win * seq_len + 1].reshape(n_win, seq_len)
     else:
-        x_all, y_all = ds.x_test, ds.y_test
+        x_all, y_all = xs, ys
+    if max_examples:
+        x_all, y_all = x_all[:max_examples], y_all[:max_examples]
     for start in range(0, len(x_all), batch_size):
         x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
         n_valid = len(x)

@@ -318,3 +318,45 @@ def test_real_shakespeare():
     n = len(ds.x_train) + len(ds.x_test)
     assert n > 5_000_000 and len(ds.x_test) == round(0.1 * n) and 60 <= ds.vocab_size <= 100
     assert "Shakespeare" in ds.decode(ds.x_train[:200])
+
+
+def test_validation_split_is_fixed_disjoint_and_stratified(digits, char_ds):
+    a = D.prepare(digits, 0.5, seed=0, val_size=300)
+    b = D.prepare(digits, 0.5, seed=1, val_size=300)
+    np.testing.assert_array_equal(a.x_val, b.x_val)  # every seed is judged on the same items
+    assert not np.array_equal(a.x_train, b.x_train)  # the subset still follows data.seed
+    train_rows = {x.tobytes() for x in digits.x_train}
+    val_rows = {x.tobytes() for x in a.x_val}
+    assert val_rows <= train_rows and not val_rows & {x.tobytes() for x in a.x_train}  # carved, disjoint
+    assert len(a.x_train) == round(0.5 * (len(digits.x_train) - 300))
+    counts = np.bincount(a.y_val, minlength=10) / 300
+    np.testing.assert_allclose(
+        counts, np.bincount(digits.y_train, minlength=10) / len(digits.y_train), atol=0.01
+    )
+    t = D.prepare(char_ds, val_size=10)
+    np.testing.assert_array_equal(np.concatenate([t.x_train, t.x_val]), char_ds.x_train)  # the last 10 chars
+    val = list(D.eval_batches(a, 128, split="val"))
+    assert sum(n for _, _, n in val) == 300
+    assert sum(n for _, _, n in D.eval_batches(a, 128, split="train", max_examples=100)) == 100
+    with pytest.raises(ValueError, match="val_size"):
+        D.prepare(digits, val_size=len(digits.x_train))
+    with pytest.raises(ValueError, match="no val split"):
+        next(D.eval_batches(digits, 10, split="val"))
+
+
+def test_corrupted_training_and_test_sets_are_seeded_and_cached(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSMOOTH_CACHE", str(tmp_path))
+    ds = D.prepare(digits, val_size=100, corrupt_train="gaussian_noise:3")
+    clean = D.prepare(digits, val_size=100)
+    assert not np.array_equal(ds.x_train, clean.x_train) and not np.array_equal(ds.x_val, clean.x_val)
+    np.testing.assert_array_equal(ds.x_test, clean.x_test)  # the test split stays clean
+    files = list((tmp_path / "corrupted").glob("*.npy"))
+    assert len(files) == 2  # train and validation, cached
+    again = D.prepare(digits, val_size=100, corrupt_train="gaussian_noise:3")
+    np.testing.assert_array_equal(again.x_train, ds.x_train)
+    ct = D.corrupted_test(digits, "contrast", 2, max_examples=50)
+    assert len(ct.x_test) == 50 and not np.array_equal(ct.x_test, digits.x_test[:50])
+    assert D.parse_corruptions("contrast:2, gaussian_noise:5") == [("contrast", 2), ("gaussian_noise", 5)]
+    for bad in ("contrast", "contrast:9", "nope:2"):
+        with pytest.raises(ValueError, match="NAME:SEVERITY"):
+            D.parse_corruption(bad)

@@ -1,0 +1,42 @@
+"""Corruption, both ways the paper's robustness claim can mean (v1: sharpening helps with corrupted data):
+  - "test": models trained on clean images, tested on corrupted test sets (4 ImageNet-C corruptions x
+    severities 1 / 3 / 5, seeded, generated at run time);
+  - "train": models trained on corrupted images (2 corruptions x severities 3 / 5), tested on the same
+    corruption and on clean images.
+Depth 8. The corruptions come from imagecorruptions-imaug (jaxsmooth.data.corrupt).
+
+    jaxsmooth study run experiments/studies/corruption.py --jobs 2 --commit
+"""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("_common", Path(__file__).with_name("_common.py"))
+_spec.loader.exec_module(common := importlib.util.module_from_spec(_spec))
+
+STEPS = 2000
+TEST_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "contrast", "jpeg_compression")
+TRAIN_CORRUPTIONS = ("gaussian_noise", "contrast")
+
+
+def get_study(quick: bool = False) -> dict:
+    test_c = TEST_CORRUPTIONS[:2] if quick else TEST_CORRUPTIONS
+    severities = (3,) if quick else (1, 3, 5)
+    evals = ",".join(f"{c}:{s}" for c in test_c for s in severities)
+    grid = [{"data.corrupt_train": "none", "data.eval_corruptions": evals, "tags": {"trained_on": "clean"}}]
+    for c in TRAIN_CORRUPTIONS[:1] if quick else TRAIN_CORRUPTIONS:
+        for s in (3,) if quick else (3, 5):
+            grid.append({"data.corrupt_train": f"{c}:{s}", "data.eval_corruptions": f"{c}:{s}",
+                         "tags": {"trained_on": f"{c}:{s}"}})  # fmt: skip
+    variants = ["baseline", "sharpen"] if quick else list(common.VARIANTS)
+    return {
+        "name": "corruption",
+        "config": "fashion_mnist",
+        "overrides": {**common.image_scale(20 if quick else STEPS, quick), "model.depth": 2 if quick else 8},
+        "variants": common.variants_with_lr(variants, quick),
+        "grid": grid,
+        "seeds": [0] if quick else [0, 1, 2],
+        "report_metrics": ["test_accuracy"]
+        + [f"test_corrupted/{c}:{s}" for c in test_c for s in severities]
+        + [f"test_corrupted/{c}:{s}" for c in TRAIN_CORRUPTIONS for s in (3, 5)],
+    }

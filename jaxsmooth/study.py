@@ -1,0 +1,559 @@
+"""Studies: grids of `jaxsmooth train` runs with seeds, committed result records, and reports.
+
+    jaxsmooth study run experiments/studies/depth.py --jobs 2        # run (or resume) every cell
+    jaxsmooth study run experiments/studies/depth.py --quick         # the minutes-long smoke version
+    jaxsmooth study status experiments/studies/depth.py              # cells done / total
+    jaxsmooth study report experiments/studies/depth.py              # markdown tables + PNG figures
+
+A study is a committed spec file whose `get_study(quick)` returns a dict:
+
+    {"name": "depth",                          # results go to <results>/<name>.jsonl
+     "config": "fashion_mnist",                # packaged config name or config file (+ ":args")
+     "overrides": {"model.d_model": 64, ...},  # study-scale settings shared by every cell
+     "variants": {"baseline": {"model.spectrum.mode": "none"}, "sharpen": {...}, ...},
+     "grid": [{"model.depth": 2}, {"model.depth": 4}, ...],   # one dict of overrides per grid point
+                                               # (+ "tags": {...}: labels that are not config fields)
+     "seeds": [0, 1, 2],                       # each sets train.seed and data.seed
+     "x": "model.depth",                       # optional: the grid field the report plots against
+     "metric": "test_accuracy"}                # optional: the headline metric (default by task)
+
+Every cell (variant x grid point x seed) is one `jaxsmooth train` run in its own workdir
+`<root>/<study>/<key>`, where the key is a hash of the study name and the cell's full resolved config: two
+studies never share a run, and a changed setting is a new cell. Finished cells are skipped; unfinished
+ones resume from their checkpoints. `--jobs N` runs N cells at once, each in its own process pinned to
+its own cores (`taskset`). When a cell finishes, one compact JSON record (key, the exact command that
+reproduces it, seed, tags, wall time, train / validation / test metrics, per-layer profiles at init and
+at the end, effective-map spectra, LN-gain signs) is appended to `<results>/<study>.jsonl` with an fsync,
+and `--commit` commits that file, so a lost machine loses at most the cells running at the time.
+
+The report pairs every variant with the baseline of the same grid point and seed (same data split, same
+data order) and gives mean +/- std over seeds and the paired difference with a 95% confidence interval
+(Student t over the seed-paired differences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+PROTOCOL = 1  # bumped when what a record means changes (keys of old records then differ)
+DEFAULT_ROOT = Path("runs") / "studies"
+DEFAULT_RESULTS = Path("experiments") / "results"
+# summary.json fields copied into a record (whichever exist for the task).
+RECORD_FIELDS = (
+    "test_accuracy", "test_loss", "test_bpc", "test_examples", "val_accuracy", "val_loss", "val_bpc",
+    "train_accuracy", "train_loss", "train_bpc", "best_step", "final_train_loss", "steps", "steps_per_sec",
+    "num_params", "test_corrupted", "profile_init", "profile_final", "eff_re_min", "eff_re_max",
+    "eff_neg_frac", "eff_wrong_frac", "eig_min", "eig_max", "ln_gain_neg_frac", "diverged",
+)  # fmt: skip
+
+
+class StudyError(ValueError):
+    """A bad spec or a cell that failed; the message says which and how to fix it."""
+
+
+# ------------------------------------------------------------------------------------ specs and cells
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of a study: a variant at a grid point with a seed."""
+
+    study: str
+    variant: str
+    point: dict  # the grid point's overrides
+    seed: int
+    overrides: dict  # every override applied to the base config, in order
+    config_spec: str  # the base config argument of `jaxsmooth train --config`
+    key: str = ""  # hash of (study, protocol, resolved config); set by `resolve`
+
+    @property
+    def tags(self) -> dict:
+        return {"variant": self.variant, "seed": self.seed, **self.point}
+
+    def command(self, workdir: str | Path) -> list[str]:
+        """The `jaxsmooth train` command that reproduces this cell."""
+        args = [f"--config.{k}={_flag_value(v)}" for k, v in self.overrides.items()]
+        return ["jaxsmooth", "train", "--config", self.config_spec, "--workdir", str(workdir), *args]
+
+
+def _flag_value(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def load_spec(path: str | Path, quick: bool = False) -> dict:
+    """The dict of a spec file's `get_study(quick)`, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study spec {path} does not exist (specs live in experiments/studies/)")
+    mod_spec = importlib.util.spec_from_file_location(f"study_{path.stem}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken spec file is a user error, named
+        raise StudyError(f"study spec {path} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_study"):
+        raise StudyError(f"study spec {path} has no get_study(quick) function")
+    spec = dict(module.get_study(quick))
+    missing = [k for k in ("name", "config", "variants", "grid", "seeds") if k not in spec]
+    if missing:
+        raise StudyError(f"study spec {path}: get_study() lacks {missing}")
+    if not spec["variants"] or not spec["grid"] or not spec["seeds"]:
+        raise StudyError(f"study spec {path}: variants, grid and seeds must all be non-empty")
+    spec.setdefault("overrides", {})
+    spec["spec_path"] = str(path)
+    return spec
+
+
+def point_overrides(point: dict) -> dict:
+    """A grid point's config overrides (everything but its "tags")."""
+    return {k: v for k, v in point.items() if k != "tags"}
+
+
+def point_tags(point: dict) -> dict:
+    """A grid point's labels: its overrides and its extra "tags"."""
+    return {**point_overrides(point), **point.get("tags", {})}
+
+
+def cells(spec: dict) -> list[Cell]:
+    """Every (variant, grid point, seed) of a spec, grid-major so early records cover every variant."""
+    out = []
+    for point in spec["grid"]:
+        for seed in spec["seeds"]:
+            for variant, vo in spec["variants"].items():
+                overrides = {**spec["overrides"], **vo, **point_overrides(point), "train.seed": seed,
+                             "data.seed": seed}  # fmt: skip
+                out.append(Cell(spec["name"], variant, point_tags(point), seed, overrides, spec["config"]))
+    return out
+
+
+def resolve(cell: Cell) -> tuple[Cell, Any]:
+    """(the cell with its key, its resolved ConfigDict): the base config with the overrides applied and
+    checked exactly as `jaxsmooth train` does."""
+    from jaxsmooth import cli, train
+
+    argv = ["--config", cell.config_spec] + cell.command("x")[6:]
+    try:
+        config, _, _ = cli.parse_train_args(argv)
+        config = config.copy_and_resolve_references()
+        train.check_config(config)
+    except Exception as e:  # noqa: BLE001 - any bad override is the spec's fault; name the cell
+        raise StudyError(f"{cell.study} cell {cell.tags}: bad config ({type(e).__name__}: {e})") from e
+    text = json.dumps({"study": cell.study, "protocol": PROTOCOL, "config": config.to_dict()},
+                      sort_keys=True, default=str)  # fmt: skip
+    return dataclasses.replace(cell, key=hashlib.sha256(text.encode()).hexdigest()[:16]), config
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+def results_path(spec: dict, results_dir: str | Path = DEFAULT_RESULTS) -> Path:
+    return Path(results_dir) / f"{spec['name']}.jsonl"
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a results file (a torn last line from a killed writer is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One line, appended and fsynced: a crash leaves the earlier records intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_record(cell: Cell, workdir: Path, wall_s: float, config) -> dict:
+    """The compact record of a finished cell, from its summary.json."""
+    summary = json.loads((workdir / "summary.json").read_text())
+    rec = {
+        "key": cell.key, "study": cell.study, "protocol": PROTOCOL, "variant": cell.variant,
+        "seed": cell.seed, "tags": cell.tags,
+        "command": " ".join(cell.command(f"runs/studies/{cell.study}/{cell.key}")),
+        "wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "depth": config.model.depth, "d_model": config.model.d_model,
+        "jaxsmooth_version": _version(),
+    }  # fmt: skip
+    rec.update({k: _round(summary[k]) for k in RECORD_FIELDS if k in summary})
+    return rec
+
+
+def _round(v: Any) -> Any:
+    """Floats to 5 significant digits (records stay small; seed noise is far larger)."""
+    if isinstance(v, float):
+        return float(f"{v:.5g}") if math.isfinite(v) else None
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    return v
+
+
+def _version() -> str:
+    import jaxsmooth
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10, cwd=Path(__file__).parent)  # fmt: skip
+        return f"{jaxsmooth.__version__}+{rev.stdout.strip()}" if rev.returncode == 0 else jaxsmooth.__version__
+    except OSError:
+        return jaxsmooth.__version__
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+@dataclasses.dataclass
+class _Job:
+    cell: Cell
+    config: Any
+    workdir: Path
+    proc: subprocess.Popen
+    started: float
+    cores: tuple[int, ...]
+    log: Path
+
+
+def _core_groups(jobs: int) -> list[tuple[int, ...]]:
+    """Split this process's CPUs into `jobs` groups (one per concurrent cell)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    jobs = max(1, min(jobs, len(cpus)))
+    size = len(cpus) // jobs
+    return [tuple(cpus[i * size : (i + 1) * size]) for i in range(jobs)]
+
+
+def _cost(config) -> float:
+    """Relative cost of a cell for the ETA: steps x depth x width^2 x tokens."""
+    m = config.model
+    return float(config.train.steps) * m.depth * m.d_model**2
+
+
+def run(
+    spec: dict,
+    *,
+    jobs: int = 1,
+    root: str | Path = DEFAULT_ROOT,
+    results_dir: str | Path = DEFAULT_RESULTS,
+    commit: bool = False,
+    only: Sequence[str] | None = None,
+    keep_workdirs: bool = True,
+    say=print,
+) -> list[dict]:
+    """Run every unfinished cell of `spec` (see the module docstring); returns all records of the study.
+
+    only: run just the cells whose variant is listed. keep_workdirs=False deletes a finished cell's
+    workdir (checkpoints) once its record is written.
+    """
+    results = results_path(spec, results_dir)
+    todo, done_keys = [], {r["key"] for r in read_records(results)}
+    all_cells = [resolve(c) for c in cells(spec)]
+    for cell, config in all_cells:
+        if cell.key in done_keys or (only and cell.variant not in only):
+            continue
+        todo.append((cell, config))
+    total = len(all_cells)
+    say(f"study {spec['name']}: {total - len(todo)} of {total} cells done, {len(todo)} to run "
+        f"({jobs} at a time), results in {results}")  # fmt: skip
+    if not todo:
+        return read_records(results)
+    groups = _core_groups(jobs)
+    free = list(groups)
+    running: list[_Job] = []
+    done_cost, done_time = 0.0, 0.0
+    remaining_cost = sum(_cost(c) for _, c in todo)
+    failures = []
+    while todo or running:
+        while todo and free:
+            cell, config = todo.pop(0)
+            cores = free.pop(0)
+            running.append(_launch(cell, config, Path(root), cores))
+        time.sleep(0.5)
+        for job in list(running):
+            if job.proc.poll() is None:
+                continue
+            running.remove(job)
+            free.append(job.cores)
+            wall = time.time() - job.started
+            if job.proc.returncode != 0 or not (job.workdir / "summary.json").is_file():
+                tail = job.log.read_text()[-1500:] if job.log.is_file() else ""
+                failures.append(job.cell)
+                say(f"  FAILED {job.cell.tags} (rc {job.proc.returncode}); log {job.log}:\n{tail}")
+                continue
+            record = make_record(job.cell, job.workdir, wall, job.config)
+            append_record(results, record)
+            if commit:
+                _git_commit(results, f"study {spec['name']}: {_label(job.cell)}")
+            if not keep_workdirs:
+                shutil.rmtree(job.workdir, ignore_errors=True)
+            cost = _cost(job.config)
+            done_cost, done_time, remaining_cost = done_cost + cost, done_time + wall, remaining_cost - cost
+            n_done = total - len(todo) - len(running) - len(failures)
+            eta = remaining_cost * done_time / done_cost / max(1, len(groups)) if done_cost else float("nan")
+            say(f"  [{n_done}/{total}] {_label(job.cell)}: {_headline(record)} in {wall:.0f} s; "
+                f"study ETA {_hms(eta)}")  # fmt: skip
+    if failures:
+        raise StudyError(
+            f"{len(failures)} cell(s) of {spec['name']} failed (their logs are named above); fix and rerun: "
+            "finished cells are kept and skipped"
+        )
+    return read_records(results)
+
+
+def _launch(cell: Cell, config, root: Path, cores: tuple[int, ...]) -> _Job:
+    workdir = (root / cell.study / cell.key).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "study_cell.json").write_text(json.dumps({"key": cell.key, "tags": cell.tags}) + "\n")
+    cmd = [sys.executable, "-m", "jaxsmooth", *cell.command(workdir)[1:]]
+    env = dict(os.environ)
+    if len(cores) < (os.cpu_count() or 1) and shutil.which("taskset"):
+        cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
+    log = workdir / "study.log"
+    with log.open("a") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return _Job(cell, config, workdir, proc, time.time(), cores, log)
+
+
+def _git_commit(path: Path, message: str) -> None:
+    """Commit the results file (only it); a failure is reported, never fatal: the record is on disk."""
+    try:
+        subprocess.run(["git", "add", str(path)], check=True, capture_output=True, timeout=60)
+        subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+    except (subprocess.SubprocessError, OSError) as e:
+        print(f"  (could not commit {path}: {e})", file=sys.stderr)
+
+
+def _label(cell: Cell) -> str:
+    point = ",".join(f"{k.split('.')[-1]}={v}" for k, v in cell.point.items())
+    return f"{cell.variant} {point} seed {cell.seed}"
+
+
+def _headline(record: dict) -> str:
+    for k in ("test_accuracy", "test_bpc", "test_loss"):
+        if record.get(k) is not None:
+            return f"{k} {record[k]:.4f}"
+    return "done"
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown"
+    h, rem = divmod(int(seconds), 3600)
+    return f"{h}h{rem // 60:02d}m"
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+
+def t_quantile_975(dof: int) -> float:
+    """The 0.975 quantile of Student's t (two-sided 95%) for dof >= 1."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+             10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+    if dof in table:
+        return table[dof]
+    if dof > 30:
+        return 1.96 + 2.4 / dof  # within 1e-3 of the exact value above 30
+    lower = max(k for k in table if k < dof)
+    upper = min(k for k in table if k > dof)
+    w = (dof - lower) / (upper - lower)
+    return table[lower] * (1 - w) + table[upper] * w
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan, 0
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan
+    return m, s, len(v)
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
+    """Mean of a[seed] - b[seed] over the seeds both have, and the 95% CI half-width (t, n - 1 dof)."""
+    d = [a[s] - b[s] for s in a if s in b and a[s] is not None and b[s] is not None]
+    m, s, n = mean_std(d)
+    half = t_quantile_975(n - 1) * s / math.sqrt(n) if n > 1 else math.nan
+    return m, half, n
+
+
+def _get(record: dict, metric: str) -> float | None:
+    """A metric of a record; "a/b" reaches into a dict field (e.g. test_corrupted/gaussian_noise:3)."""
+    head, _, rest = metric.partition("/")
+    v = record.get(head)
+    if rest and isinstance(v, dict):
+        v = v.get(rest)
+    return v if isinstance(v, int | float) else None
+
+
+def table(records: list[dict], spec: dict, metric: str, baseline: str = "baseline", fmt: str = ".4f") -> str:
+    """Markdown: one row per grid point, one column per variant: mean +/- std over seeds, and below each
+    non-baseline variant its paired difference to the baseline with a 95% CI (* when it excludes 0)."""
+    variants = list(spec["variants"])
+    lines = ["| grid point | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for point in map(point_tags, spec["grid"]):
+        recs = [r for r in records if all(r["tags"].get(k) == v for k, v in point.items())]
+        by = {v: {r["seed"]: _get(r, metric) for r in recs if r["variant"] == v} for v in variants}
+        cells_ = []
+        for v in variants:
+            m, s, n = mean_std(by[v].values())
+            text = "n/a" if n == 0 else f"{m:{fmt}} ± {s:{fmt}}" if n > 1 else f"{m:{fmt}}"
+            if v != baseline and baseline in by and n:
+                d, half, k = paired_difference(by[v], by[baseline])
+                if k > 1:
+                    star = "*" if abs(d) > half else ""
+                    text += f"<br>Δ {d:+{fmt}} ± {half:{fmt}}{star}"
+            cells_.append(f"{text} (n={n})" if n and n < len(spec["seeds"]) else text)
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+        lines.append(f"| {label} | " + " | ".join(cells_) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def report(spec: dict, records: list[dict], out_dir: str | Path, metrics: Sequence[str] | None = None) -> Path:
+    """`<out_dir>/<study>.md` (tables of every metric) and `<study>_*.png` figures; returns the md path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = spec["name"]
+    metric = spec.get("metric") or ("test_bpc" if any("test_bpc" in r for r in records) else "test_accuracy")
+    metrics = list(metrics or spec.get("report_metrics") or [metric, "train_accuracy", "val_accuracy"])
+    metrics = [m for m in metrics if any(_get(r, m) is not None for r in records)]
+    parts = [f"## Study `{name}`", "",
+             f"{len(records)} runs from `{spec.get('spec_path', '')}`; mean ± std over seeds; under each "
+             "variant, its seed-paired difference to the baseline with a 95% confidence interval "
+             "(* = the interval excludes 0).", ""]  # fmt: skip
+    for m in metrics:
+        parts += [f"### {m}", "", table(records, spec, m), ""]
+    wall = sum(r.get("wall_s", 0) for r in records)
+    parts.append(f"Total training wall time: {wall / 3600:.2f} h (sum over runs).")
+    figs = _figures(spec, records, out_dir, metric)
+    parts += ["", *[f"![{f.stem}]({f.name})" for f in figs]]
+    path = out_dir / f"{name}.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def _figures(spec: dict, records: list[dict], out_dir: Path, metric: str) -> list[Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    paths = []
+    x_field = spec.get("x")
+    variants = list(spec["variants"])
+    if x_field:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for v in variants:
+            xs, ms, ss = [], [], []
+            for point in map(point_tags, spec["grid"]):
+                vals = [_get(r, metric) for r in records
+                        if r["variant"] == v and all(r["tags"].get(k) == p for k, p in point.items())]  # fmt: skip
+                m, s, n = mean_std(vals)
+                if n:
+                    xs.append(point[x_field]), ms.append(m), ss.append(0.0 if n < 2 else s)
+            if xs:
+                ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=v)
+        ax.set(xlabel=x_field, ylabel=metric, title=f"{spec['name']}: {metric} (mean ± std over seeds)")
+        if spec.get("log_x"):
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(out_dir / f"{spec['name']}_{metric.replace('/', '_')}.png")
+        FigureCanvasAgg(fig).print_png(str(paths[-1]))
+    # Per-layer token cosine at init and at the end, for the largest grid point, averaged over seeds.
+    point = point_tags(spec["grid"][-1])
+    recs = [r for r in records if all(r["tags"].get(k) == p for k, p in point.items())]
+    if any(r.get("profile_final") for r in recs):
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for ax, when in zip(axes, ("profile_init", "profile_final"), strict=True):
+            for v in variants:
+                prof = [r[when]["token_cosine"] for r in recs if r["variant"] == v and r.get(when)]
+                if prof:
+                    n = min(len(p) for p in prof)
+                    ax.plot(range(n), [sum(p[i] for p in prof) / len(prof) for i in range(n)], "o-", ms=3,
+                            label=v)  # fmt: skip
+            ax.set(xlabel="layer (0 = input)", ylabel="token cosine", title=f"{when.split('_')[1]} ({point})")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=8)
+        paths.append(out_dir / f"{spec['name']}_profiles.png")
+        FigureCanvasAgg(fig).print_png(str(paths[-1]))
+    return paths
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="jaxsmooth study", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["run", "status", "report"])
+    p.add_argument("spec", help="a study spec file (experiments/studies/<name>.py)")
+    p.add_argument("--quick", action="store_true", help="the spec's quick version (minutes)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each pinned to its own cores")
+    p.add_argument("--root", default=str(DEFAULT_ROOT), help="where cell workdirs go (default runs/studies)")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), help="where <study>.jsonl records go")
+    p.add_argument("--out", default=None, help="report output directory (default: --results)")
+    p.add_argument("--commit", action="store_true", help="git-commit the results file after every cell")
+    p.add_argument("--only", default=None, help="comma-separated variants to run (default all)")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs={args.jobs} must be >= 1")
+    try:
+        spec = load_spec(args.spec, args.quick)
+        if args.quick:
+            spec["name"] += "_quick"
+        if args.action == "run":
+            only = args.only.split(",") if args.only else None
+            run(spec, jobs=args.jobs, root=args.root, results_dir=args.results, commit=args.commit, only=only)
+        elif args.action == "status":
+            keys = {r["key"] for r in read_records(results_path(spec, args.results))}
+            all_cells = [resolve(c)[0] for c in cells(spec)]
+            done = [c for c in all_cells if c.key in keys]
+            print(f"study {spec['name']}: {len(done)} of {len(all_cells)} cells done")
+            for c in all_cells:
+                if c.key not in keys:
+                    print(f"  to run: {_label(c)}  ({c.key})")
+        else:
+            records = read_records(results_path(spec, args.results))
+            if not records:
+                raise StudyError(f"no records for {spec['name']} in {args.results}: run the study first")
+            path = report(spec, records, args.out or args.results)
+            print(f"wrote {path}")
+    except StudyError as e:
+        print(f"jaxsmooth study: error: {e}", file=sys.stderr)
+        return 2
+    return 0
