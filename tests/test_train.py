@@ -186,7 +186,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(reference, tmp_pat
 
 def test_incompatible_workdir_is_refused(reference, tmp_path):
     workdir = copy_run(reference, tmp_path)
-    with pytest.raises(train.IncompatibleWorkdirError, match="model.depth: workdir has 1, config has 2"):
+    with pytest.raises(train.IncompatibleWorkdirError, match="model.depth: checkpoint has 1, config has 2"):
         train.train(tiny(**{"model.depth": 2}), workdir, verbose=False)
 
 
