@@ -192,7 +192,10 @@ def prepare_workdir(workdir: str | Path) -> Path:
             raise disk_full_error(probe, e, f"a test file in {p}") from None
         raise WorkdirError(f"workdir {p} is not writable ({e.strerror}); choose another --workdir") from None
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # a read-only filesystem refuses even this
+            pass
     return p
 
 
