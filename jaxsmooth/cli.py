@@ -182,9 +182,8 @@ def parse_train_args(argv: list[str]):
     from ml_collections import config_flags
 
     argv = ["jaxsmooth train"] + _normalise_config_flag(list(argv))
-    spec = next(
-        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")), resolve_config(DEFAULT_CONFIG)
-    )
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    spec = given[-1] if given else resolve_config(DEFAULT_CONFIG)  # absl: the last --config wins
     check_overrides(load_config_file(spec), argv)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(

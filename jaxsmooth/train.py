@@ -589,8 +589,7 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         _check_workdir_config(workdir, resolved, ckpt)  # every process: all must refuse together
         if not candidates and not restart:
             _refuse_silent_restart(workdir, ckpt)
-        if primary:
-            _check_space(workdir, config, mcfg, ckpt)
+        _check_space(workdir, config, mcfg, ckpt)
 
         run, state = _setup(config, mcfg, workdir, primary)  # mesh, data, model, compiled steps
         devices = {
