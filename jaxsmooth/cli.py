@@ -178,6 +178,11 @@ def _normalise_config_flag(argv: list[str]) -> list[str]:
 
 def parse_train_args(argv: list[str]):
     """(config, workdir or None, distributed dict) from `train`'s arguments (absl/config_flags)."""
+    return parse_train_options(argv)[:3]
+
+
+def parse_train_options(argv: list[str]):
+    """`parse_train_args` plus {"restart": bool, "print_config": bool}."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -212,7 +217,7 @@ def train_main(argv: list[str]) -> int:
     from absl import flags
 
     try:
-        config, workdir, dist, options = parse_train_args(argv)
+        config, workdir, dist, options = parse_train_options(argv)
     except UsageError as e:
         print(f"jaxsmooth train: error: {e}", file=sys.stderr)
         return 2

@@ -21,8 +21,10 @@ from jaxsmooth.checkpoint import (
     CheckpointError,
     Checkpoints,
     NoUsableCheckpointError,
+    content_problem,
     read_meta,
     restore_params,
+    state_digests,
     verify,
 )
 
@@ -117,6 +119,21 @@ def test_missing_checksum_file_is_verified_by_digests(tmp_path):
     _assert_equal(restored, _state(3))
 
 
+def test_digests_catch_a_single_changed_value():
+    """What the checksum file would catch on disk, the digests catch in the restored arrays: one float
+    changed by one ulp is a mismatch; the stored step and NaNs are checked too."""
+    state = _state(3)
+    meta = {"step": 3, "digests": state_digests(state)}
+    assert content_problem(3, state, meta) is None
+    changed = jax.tree.map(lambda a: a, state)
+    changed["params"]["w"] = state["params"]["w"].at[5, 7].set(np.nextafter(state["params"]["w"][5, 7], 9.0))
+    assert "params does not match the digest" in content_problem(3, changed, meta)
+    assert "says step 3" in content_problem(4, state, meta)
+    nan = jax.tree.map(lambda a: a, state)
+    nan["params"]["b"]["c"] = state["params"]["b"]["c"].at[0].set(np.nan)
+    assert "NaN" in content_problem(3, nan, None)
+
+
 def test_missing_checksum_and_flipped_bit_falls_back(tmp_path):
     """Without the checksum file, a flipped bit in the weights restores silently as a wrong number; the
     digests saved with the step catch it, and the previous step is used."""
@@ -206,8 +223,9 @@ def _tmpfs(path, size: str):
 
 
 def test_disk_full_during_save_keeps_earlier_steps(tmp_path):
-    """A real full disk (a 400 KiB tmpfs) during a save: DiskFullError naming the step and the last good
-    one, the partial save removed, the earlier steps intact and restorable."""
+    """A real full disk (a 400 KiB tmpfs) during a save: DiskFullError naming the step, the partial save
+    removed, the earlier steps intact and restorable. (Where the disk fills up inside the checksum write,
+    Orbax's step is complete and its digests verify it.)"""
     disk = tmp_path / "disk"
     _tmpfs(disk, "400k")
     try:
@@ -215,14 +233,20 @@ def test_disk_full_during_save_keeps_earlier_steps(tmp_path):
         with pytest.raises(wd.DiskFullError) as info:
             for s in range(1, 100):
                 ckpt.save(s, _state(s))
-        full_at = int(info.value.strerror.split("checkpoint step ")[1].split()[0])
-        assert full_at > 1 and f"the last checkpoint, step {full_at - 1}, is untouched" in info.value.strerror
-        assert ckpt.steps() == list(range(1, full_at))
-        assert not list((disk / "checkpoints").glob(f"{full_at}*"))  # the partial save is gone
+        msg = info.value.strerror
+        full_at = int(msg.split("checkpoint step ")[1].split()[0])
+        if "checksum file" in msg:  # Orbax's save completed, only our checksum file did not fit
+            last = full_at
+            assert not (disk / "checkpoints" / str(full_at) / CHECKSUM_FILE).exists()
+        else:
+            last = full_at - 1
+            assert f"the last checkpoint, step {last}, is untouched" in msg
+            assert not list((disk / "checkpoints").glob(f"{full_at}*"))  # the partial save is gone
+        assert last >= 1 and ckpt.steps() == list(range(1, last + 1))
         ckpt.close()
         step, restored = Checkpoints(disk, 10).restore_latest(_abstract(_state(0)))
-        assert step == full_at - 1
-        _assert_equal(restored, _state(full_at - 1))
+        assert step == last
+        _assert_equal(restored, _state(last))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 

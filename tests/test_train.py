@@ -296,10 +296,10 @@ def test_kill_between_commit_and_checksum_then_verified_resume(reference, tmp_pa
     assert summary["resumed_from"] == 4 and "corrupt" not in err
     assert logged(train_records(workdir)) == logged(reference[2])
 
-    victim = _data_files(flipped / "checkpoints" / "4")[0]
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0x01  # one bit of the weights or moments: Orbax alone restores it silently
-    victim.write_bytes(bytes(raw))
+    for victim in _data_files(flipped / "checkpoints" / "4"):  # one bit in each file of arrays
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        victim.write_bytes(bytes(raw))
     summary = train.train(tiny(), flipped, verbose=False)
     assert summary["resumed_from"] == 2 and "checkpoint step 4" in capsys.readouterr().err
     assert logged(train_records(flipped)) == logged(reference[2])
