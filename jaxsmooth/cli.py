@@ -233,7 +233,9 @@ def train_main(argv: list[str]) -> int:
     from jaxsmooth import workdir as wd  # no JAX yet
 
     workdir = Path("runs") / config.name if workdir is None else workdir  # "" is refused by train
-    holder = wd.live_holder(workdir) if str(workdir).strip() else None
+    multi_process = dist["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    # Single process only: the other processes of a multi-process run see process 0 holding the lock.
+    holder = wd.live_holder(workdir) if str(workdir).strip() and not multi_process else None
     if holder is not None:  # refuse before the slow imports; train() takes the lock itself
         print(f"jaxsmooth train: error: {wd.locked_message(workdir, holder)}", file=sys.stderr)
         return 1
