@@ -344,11 +344,17 @@ def main(argv: list[str] | None = None) -> int:
         if from_command_line and not ({"-h", "--help"} & set(rest)):
             from jaxsmooth import runtime
 
+            # Blocked signals stay blocked, and pending, across exec: a Ctrl-C while the new interpreter
+            # starts is delivered once its main() has installed the handler again (then unblocks them).
+            sigs = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
             try:
-                runtime.reexec_with_caching_allocator(argv)
+                runtime.reexec_with_caching_allocator(argv)  # returns only if it does not re-execute
             except ValueError as e:
                 print(f"jaxsmooth: {e}", file=sys.stderr)
                 return 2
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
         try:
             return train_main(rest)
         except KeyboardInterrupt:  # a second Ctrl-C inside the loop (the first one saves and stops)
