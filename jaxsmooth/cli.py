@@ -315,7 +315,7 @@ def usage() -> str:
 def _exit_at_once(signum, frame) -> None:
     """SIGINT/SIGTERM outside the training loop (imports, data loading, compilation, the final evaluation):
     nothing is being saved, so exit now. os._exit, not an exception: unwinding while XLA compiles on other
-    threads crashed the interpreter at exit (a segfault in 2 of 3 tries). The training loop installs its
+    threads crashed the interpreter at exit (a segfault in 3 of 4 tries). The training loop installs its
     own handler, which saves a checkpoint first."""
     from jaxsmooth import workdir as wd  # no JAX: cheap even during start-up
 
