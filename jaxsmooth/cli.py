@@ -1,7 +1,9 @@
 """The `jaxsmooth` command: `jaxsmooth <verb> ...` (also `python -m jaxsmooth`).
 
     jaxsmooth train [--config FILE[:ARGS] | NAME[:ARGS]] [--workdir DIR] [--config.<field>=<value> ...]
+                    [--restart] [--print_config]
                     [--coordinator_address HOST:PORT --num_processes N --process_id I]
+    jaxsmooth configs          (the packaged configs, one line each)
     jaxsmooth audit ...        (jaxsmooth.audit.main)
 
 `--config` takes a config file (`configs/x.py:quick`) or the name of a packaged config (`digits:quick`,
@@ -9,12 +11,19 @@ see `jaxsmooth train --help`); overrides follow ml_collections.config_flags (`--
 `--config.model.spectrum.mode=smooth`). Without --config, train runs the default config (digits).
 Without --workdir, the run goes to ./runs/<config.name>. Rerunning with the same workdir resumes.
 
-Heavy imports (jax, the trainer) happen only once a verb needs them, so `--help` is instant.
+Heavy imports (jax, the trainer) happen only once a verb needs them, so `--help` is instant. Every
+expected failure (a bad flag or config file, an unusable or locked workdir, a config that differs from the
+checkpoints', a full disk) ends with a one- or two-line message and a non-zero exit status, not a
+traceback; Ctrl-C or SIGTERM outside the training loop exits at once with status 130 / 143 (inside it, the
+loop saves a checkpoint first).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -22,19 +31,27 @@ from pathlib import Path
 DEFAULT_CONFIG = "digits"
 VERBS = {
     "train": "train a model from a config (resumes in an existing workdir)",
+    "configs": "list the packaged configs, one line each",
     "audit": "measure and predict per-layer smoothing of a run or a pretrained model (jaxsmooth.audit)",
 }
 
 TRAIN_USAGE = """usage: jaxsmooth train [--config FILE[:ARGS] | NAME[:ARGS]] [--workdir DIR] [--config.X=V]
+                       [--restart] [--print_config]
 
   --config        a config file (configs/x.py:quick) or a packaged config name (default: digits)
   --workdir       output and checkpoint directory (default: ./runs/<config.name>); rerun to resume
   --config.a.b=v  override one field, e.g. --config.train.steps=200 --config.model.spectrum.mode=smooth
+  --restart       start over from step 0; the workdir's previous files are kept as metrics.1.jsonl, ...
+  --print_config  print the resolved config and exit without training (also --dry_run)
   --coordinator_address, --num_processes, --process_id
                   multi-process run (or env JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
 
-packaged configs: {names}
+packaged configs: {names} ('jaxsmooth configs' describes them)
 """
+
+
+class UsageError(ValueError):
+    """A bad command line or config file (exit status 2)."""
 
 
 def configs_dir() -> Path:
@@ -53,15 +70,94 @@ def config_names() -> list[str]:
     return sorted(p.stem for p in configs_dir().glob("*.py") if not p.stem.startswith("_"))
 
 
+def config_summary(path: Path, width: int = 100) -> str:
+    """The first sentence of a config file's docstring (read, not executed), cut to `width` characters."""
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return "(unreadable)"
+    para = " ".join(doc.split("\n\n")[0].split())
+    m = re.match(r"(.+?\.)(\s|$)", para)
+    text = m.group(1) if m else para
+    return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0] + " ..."
+
+
+def configs_main(argv: list[str]) -> int:
+    """`jaxsmooth configs`: one line per packaged config."""
+    if argv:
+        print("usage: jaxsmooth configs   (lists the packaged configs; no arguments)", file=sys.stderr)
+        return 0 if set(argv) <= {"-h", "--help"} else 2
+    names = config_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:{width}s}  {config_summary(configs_dir() / f'{name}.py')}")
+    print("\nrun one: jaxsmooth train --config NAME[:quick] (args after ':' in each file's docstring)")
+    return 0
+
+
 def resolve_config(spec: str) -> str:
     """`NAME[:ARGS]` of a packaged config -> `/path/NAME.py[:ARGS]`; file paths are returned unchanged."""
     name, sep, args = spec.partition(":")
     if name.endswith(".py") or "/" in name or Path(name).is_file():
+        if not Path(name).is_file():
+            raise UsageError(f"config file {name} does not exist; give a config file or one of "
+                             f"{', '.join(config_names())}")  # fmt: skip
         return spec
     path = configs_dir() / f"{name}.py"
     if not path.is_file():
-        raise ValueError(f"unknown config {name!r}: not a file, and not one of {', '.join(config_names())}")
+        raise UsageError(f"unknown config {name!r}: not a file, and not one of {', '.join(config_names())}")
     return f"{path}{sep}{args}"
+
+
+def load_config_file(spec: str):
+    """Run a resolved `FILE[:ARGS]`'s get_config as config_flags will, so that a broken file fails with
+    one line naming it (config_flags prints a long traceback). Returns the ConfigDict."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("jaxsmooth_user_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise UsageError(f"config file {path} is not a Python file")
+    try:
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise UsageError(f"config file {path} has no get_config() function")
+        return module.get_config(arg) if arg else module.get_config()
+    except UsageError:
+        raise
+    except SyntaxError as e:
+        raise UsageError(f"config file {path} has a syntax error at line {e.lineno}: {e.msg}") from None
+    except (ValueError, TypeError) as e:  # the packaged configs' argument and field checks
+        raise UsageError(f"--config {Path(path).name}{':' + arg if arg else ''}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a user's file can raise anything
+        tb = e.__traceback__
+        line = None
+        while tb is not None:  # the deepest frame inside the config file
+            if tb.tb_frame.f_code.co_filename == str(path):
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        where = f" (line {line})" if line else ""
+        raise UsageError(f"config file {path} failed{where}: {type(e).__name__}: {e}") from None
+
+
+def check_overrides(config, argv: list[str]) -> None:
+    """Every `--config.a.b=v` must name a field of the config; raise UsageError naming the unknown one
+    and the fields that exist there (config_flags reports only `AttributeError: "'b'"`)."""
+    for a in argv:
+        m = re.match(r"^--?config\.([^=]+)(=|$)", a)
+        if not m:
+            continue
+        node, done = config, []
+        for part in m.group(1).split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else None
+            if keys is None:
+                raise UsageError(f"{a.split('=')[0]}: {'.'.join(done)} is a value, not a section")
+            if part not in keys:
+                where = ".".join(done) or "the config"
+                raise UsageError(
+                    f"unknown config field {'.'.join([*done, part])!r} in {a.split('=')[0]}; "
+                    f"{where} has: {', '.join(keys)}"
+                )
+            node, done = node[part], [*done, part]
 
 
 def _normalise_config_flag(argv: list[str]) -> list[str]:
@@ -82,10 +178,18 @@ def _normalise_config_flag(argv: list[str]) -> list[str]:
 
 def parse_train_args(argv: list[str]):
     """(config, workdir or None, distributed dict) from `train`'s arguments (absl/config_flags)."""
+    return parse_train_options(argv)[:3]
+
+
+def parse_train_options(argv: list[str]):
+    """`parse_train_args` plus {"restart": bool, "print_config": bool}."""
     from absl import flags
     from ml_collections import config_flags
 
     argv = ["jaxsmooth train"] + _normalise_config_flag(list(argv))
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    spec = given[-1] if given else resolve_config(DEFAULT_CONFIG)  # absl: the last --config wins
+    check_overrides(load_config_file(spec), argv)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", resolve_config(DEFAULT_CONFIG), "config file or packaged config name", flag_values=fv,
@@ -95,11 +199,15 @@ def parse_train_args(argv: list[str]):
     flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "multi-process: number of processes", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "multi-process: this process's id", flag_values=fv)
+    flags.DEFINE_boolean("restart", False, "start over from step 0 (previous files kept)", flag_values=fv)
+    flags.DEFINE_boolean("print_config", False, "print the resolved config and exit", flag_values=fv)
+    flags.DEFINE_alias("dry_run", "print_config", flag_values=fv)
     rest = fv(argv)
     if len(rest) > 1:
         raise flags.Error(f"unexpected arguments {rest[1:]}")
     dist = {k: fv[k].value for k in ("coordinator_address", "num_processes", "process_id")}
-    return fv.config, fv.workdir, dist
+    options = {"restart": fv.restart, "print_config": fv.print_config}
+    return fv.config, fv.workdir, dist, options
 
 
 def train_main(argv: list[str]) -> int:
@@ -109,30 +217,63 @@ def train_main(argv: list[str]) -> int:
     from absl import flags
 
     try:
-        config, workdir, dist = parse_train_args(argv)
+        config, workdir, dist, options = parse_train_options(argv)
+    except UsageError as e:
+        print(f"jaxsmooth train: error: {e}", file=sys.stderr)
+        return 2
     except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
-        # config_flags reports an unknown --config.<field> as KeyError/AttributeError, a bad type as
-        # TypeError/ValueError: all are usage errors here.
-        print(f"jaxsmooth train: error: {type(e).__name__}: {e}\n", file=sys.stderr)
-        print(TRAIN_USAGE.format(names=", ".join(config_names())), file=sys.stderr)
+        # config_flags reports a bad value as IllegalFlagValueError (a flags.Error) naming the flag.
+        text = str(e) if isinstance(e, flags.Error) else f"{type(e).__name__}: {e}"
+        print(f"jaxsmooth train: error: {text}\n(see 'jaxsmooth train --help')", file=sys.stderr)
         return 2
 
-    from jaxsmooth import data, parallel, train
+    if options["print_config"]:
+        return print_config(config)
+
+    from jaxsmooth import workdir as wd  # no JAX yet
+
+    workdir = Path("runs") / config.name if workdir is None else workdir  # "" is refused by train
+    multi_process = dist["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    # Single process only: the other processes of a multi-process run see process 0 holding the lock.
+    holder = wd.live_holder(workdir) if str(workdir).strip() and not multi_process else None
+    if holder is not None:  # refuse before the slow imports; train() takes the lock itself
+        print(f"jaxsmooth train: error: {wd.locked_message(workdir, holder)}", file=sys.stderr)
+        return 1
+
+    from jaxsmooth import checkpoint, data, parallel, train
 
     try:
         parallel.initialize(**dist)
-        workdir = Path(workdir) if workdir else Path("runs") / config.name
-        summary = train.train(config, workdir)
+        summary = train.train(config, workdir, restart=options["restart"])
     except train.Interrupted as e:
         print(f"jaxsmooth train: {e}; rerun the same command to resume.", file=sys.stderr)
         return 128 + (e.signum or signal.SIGINT)
-    except (ValueError, data.DataNotFoundError) as e:
-        print(f"jaxsmooth train: error: {e}", file=sys.stderr)
-        return 2
-    except train.NonFiniteError as e:
+    except wd.WorkdirLockedError as e:
         print(f"jaxsmooth train: error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, data.DataNotFoundError) as e:  # config, workdir, incompatible run, damaged metadata
+        print(f"jaxsmooth train: error: {e}", file=sys.stderr)
+        return 2
+    except (train.NonFiniteError, checkpoint.CheckpointError, wd.DiskFullError) as e:
+        print(f"jaxsmooth train: error: {e.strerror if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 1
     print_summary(summary)
+    return 0
+
+
+def print_config(config) -> int:
+    """`--print_config`: the config with every override and reference resolved, then its validation."""
+    print(config)
+    from jaxsmooth import train
+    from jaxsmooth import workdir as wd
+
+    try:
+        wd.check_finite(config.to_dict())
+        mcfg = train.check_config(config)
+    except ValueError as e:
+        print(f"jaxsmooth train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"# model as built: {mcfg}")
     return 0
 
 
@@ -171,9 +312,25 @@ def usage() -> str:
     return f"usage: jaxsmooth <command> [args]\n\ncommands:\n{verbs}\n\n'jaxsmooth train --help' for details."
 
 
+def _exit_at_once(signum, frame) -> None:
+    """SIGINT/SIGTERM outside the training loop (imports, data loading, compilation, the final evaluation):
+    nothing is being saved, so exit now. os._exit, not an exception: unwinding while XLA compiles on other
+    threads crashed the interpreter at exit (a segfault in 3 of 4 tries). The training loop installs its
+    own handler, which saves a checkpoint first."""
+    from jaxsmooth import workdir as wd  # no JAX: cheap even during start-up
+
+    wd.release_all()
+    name = signal.Signals(signum).name
+    print(f"\njaxsmooth train: stopped by {name} outside the training loop (nothing to save); rerun the same "
+          "command to resume.", file=sys.stderr, flush=True)  # fmt: skip
+    sys.stdout.flush()
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a verb. From the command line (argv None), `train` first re-executes itself under a caching
-    memory allocator when one is installed (`jaxsmooth.runtime`); a call with an explicit argv never does."""
+    memory allocator when one is installed (`jaxsmooth.runtime`), and Ctrl-C / SIGTERM outside the
+    training loop exit at once (rc 130 / 143); a call with an explicit argv does neither."""
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -181,15 +338,40 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb == "train":
+        if from_command_line:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, _exit_at_once)
         if from_command_line and not ({"-h", "--help"} & set(rest)):
             from jaxsmooth import runtime
 
+            # Blocked signals stay blocked, and pending, across exec: a Ctrl-C while the new interpreter
+            # starts is delivered once its main() has installed the handler again (then unblocks them).
+            sigs = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
             try:
-                runtime.reexec_with_caching_allocator(argv)
+                runtime.reexec_with_caching_allocator(argv)  # returns only if it does not re-execute
             except ValueError as e:
                 print(f"jaxsmooth: {e}", file=sys.stderr)
                 return 2
-        return train_main(rest)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+        try:
+            return train_main(rest)
+        except KeyboardInterrupt:  # a second Ctrl-C inside the loop (the first one saves and stops)
+            if not from_command_line:
+                raise
+            from jaxsmooth import workdir as wd
+
+            wd.release_all()
+            print(
+                "\njaxsmooth train: interrupted; rerun the same command to resume.",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.stdout.flush()
+            os._exit(130)
+    if verb == "configs":
+        return configs_main(rest)
     if verb == "audit":
         from jaxsmooth import audit  # lazily: written separately, imports its own dependencies
 

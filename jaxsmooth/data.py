@@ -316,7 +316,7 @@ def load_char_corpus(
             files = [path]
         else:
             raise _missing(path, "pass an existing text file or a directory of .txt files")
-    text = "".join(f.read_text(encoding="utf-8") for f in files)
+    text = "".join(_read_utf8(f) for f in files)
     n_test = round(test_fraction * len(text))
     if n_test < 1 or len(text) - n_test < 2:
         raise ValueError(f"{len(text)} characters are too few for test_fraction={test_fraction}")
@@ -328,7 +328,24 @@ def load_char_corpus(
     return replace(ds, x_train=ids_N[: len(text) - n_test], x_test=ids_N[len(text) - n_test :])
 
 
-def _load_char_file(path: Path | str, **kwargs: Any) -> Dataset:
+def _read_utf8(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 fails naming it and the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8`, or leave it out"
+        ) from None
+
+
+def _load_char_file(path: Path | str | None = None, **kwargs: Any) -> Dataset:
+    if path is None:
+        raise ValueError(
+            "data.name=char_file needs --config.data.kwargs.path=FILE_OR_DIR (a UTF-8 text file or a "
+            "directory of .txt files)"
+        )
     kwargs.setdefault("name", Path(path).stem)
     return load_char_corpus(path=path, **kwargs)
 

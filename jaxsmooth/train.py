@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ from flax import nnx
 
 from jaxsmooth import checkpoint, optim, parallel, runtime, theory
 from jaxsmooth import data as data_lib
-from jaxsmooth.checkpoint import Checkpoints
+from jaxsmooth import workdir as wd
+from jaxsmooth.checkpoint import Checkpoints, NoUsableCheckpointError
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx import CausalLM, ViT
 
@@ -56,8 +58,11 @@ LOGGED_LAYER_STATS = ("token_cosine", "hfc_lfc")
 # Side length of the images of each built-in image dataset (before data.kwargs.pad_to), so a patch size
 # that does not divide the image fails before any data is loaded.
 _IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
-# Data fields that change what the model sees; resuming with different values is refused.
-_DATA_IDENTITY = ("name", "kwargs", "patch_size", "seq_len")
+# What a workdir that holds a run but no usable checkpoint needs (NoUsableCheckpointError).
+RESTART_HINT = (
+    "To start over from step 0, rerun with --restart (train.train(..., restart=True)): the previous run's "
+    "files are kept as metrics.1.jsonl, checkpoints.1/, ...; or use another --workdir."
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -72,8 +77,8 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.step = signum, step
 
 
-class IncompatibleWorkdirError(ValueError):
-    """The workdir holds a run whose model or data differs from the config."""
+# The workdir holds a run whose model, data or optimiser config differs from the config (a ValueError).
+IncompatibleWorkdirError = wd.IncompatibleWorkdirError
 
 
 # ---------------------------------------------------------------------------------------- config checks
@@ -140,21 +145,38 @@ class LoadedRun:
 
 
 def load_run(workdir: str | Path, step: int | None = None) -> LoadedRun:
-    """Rebuild a run's model from DIR/config.json and restore its parameters (newest step by default).
+    """Rebuild a run's model and restore its parameters (newest step by default).
 
-    Read-only: a corrupt step raises `checkpoint.CheckpointError` naming the other steps; nothing is
-    moved. For evaluation, audits and experiments on trained models.
+    Args:
+      workdir: the run directory (relative paths work).
+      step: the checkpoint step (default: the newest).
+    Returns a LoadedRun. The model is built from the config saved inside the checkpoint (DIR/config.json
+    for checkpoints of older versions). Read-only: a corrupt, unverifiable or ill-fitting step raises
+    `checkpoint.CheckpointError` saying which and naming the other steps; a damaged config.json raises
+    `workdir.MetadataError` naming it; nothing is moved. For evaluation, audits and experiments.
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()
     cfg_path = workdir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{workdir} has no config.json: not a jaxsmooth run directory")
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    if not (workdir / "checkpoints").is_dir() and not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"{workdir} has no checkpoints/ and no config.json: not a jaxsmooth run directory"
+        )
+    step = checkpoint.pick_step(workdir, step)
+    meta, _ = checkpoint.read_meta(workdir / "checkpoints" / str(step))
+    if meta is not None and isinstance(meta.get("config"), dict):
+        raw, source = meta["config"], f"the config saved with step {step}"
+    else:
+        if not cfg_path.is_file():
+            raise FileNotFoundError(
+                f"{workdir} has no config.json, so the model of step {step} cannot be rebuilt"
+            )
+        raw, source = wd.read_json(cfg_path, "restore it from a copy of the run"), str(cfg_path)
+    config = ml_collections.ConfigDict(raw)
     mcfg = ModelConfig.from_dict(config.model.to_dict())
     ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
     abstract = nnx.eval_shape(lambda: build_model(mcfg, ds, config, nnx.Rngs(params=0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    step, pure = checkpoint.restore_params(workdir, nnx.to_pure_dict(params), step)
+    step, pure = checkpoint.restore_params(workdir, nnx.to_pure_dict(params), step, source=source)
     nnx.replace_by_pure_dict(params, pure)
     return LoadedRun(config, mcfg, ds, nnx.merge(graphdef, params, rest), step)
 
@@ -253,9 +275,7 @@ class MetricsLog:
         if not (self.enabled and self.path.exists()):
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        wd.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._seen = {(r.get("type"), r.get("step")) for r in kept}
 
     def write(self, record: dict) -> None:
@@ -263,14 +283,19 @@ class MetricsLog:
         if not self.enabled or (key[0] in ("train", "eval") and key in self._seen):
             return  # e.g. the final eval of a finished run that is rerun unchanged
         self._seen.add(key)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if wd.is_disk_full(e):  # a torn last line is dropped by the next start's truncate_after
+                raise wd.disk_full_error(self.path, e) from None
+            raise
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl (a torn last line, from a killed writer, is skipped)."""
+    """All records of a metrics.jsonl (a torn or garbled line, from a killed writer, is skipped)."""
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(errors="replace").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -368,27 +393,103 @@ def _fmt_time(s: float) -> str:
 # ---------------------------------------------------------------------------------------- workdir
 
 
-def _check_workdir_config(path: Path, config: ml_collections.ConfigDict) -> None:
-    """Refuse to resume a run whose model or data identity differs from `config`."""
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    new = json.loads(config.to_json_best_effort())
-    diffs = _diff("model", old.get("model", {}), new["model"])
-    for k in _DATA_IDENTITY:
-        diffs += _diff(f"data.{k}", old.get("data", {}).get(k), new["data"].get(k))
-    if diffs:
-        raise IncompatibleWorkdirError(
-            f"{path.parent} holds a run with a different model/data config, so it cannot be resumed:\n  "
-            + "\n  ".join(diffs)
-            + "\nUse another --workdir, or the workdir's config.json settings."
+def _check_workdir_config(workdir: Path, resolved: dict, ckpt: Checkpoints) -> None:
+    """Refuse to resume checkpoints made with a config whose model, data or optimiser fields differ.
+
+    Each verified step carries the resolved config it was saved with (a step saved by an older jaxsmooth:
+    DIR/config.json stands in). Every field counts except `workdir.RESUMABLE_CHANGES`. Nothing is moved.
+    """
+    for step in ckpt.candidates or []:
+        meta = ckpt.metas.get(step)
+        if meta is not None and isinstance(meta.get("resolved"), dict):
+            saved, source = meta["resolved"], f"checkpoint step {step}"
+        else:
+            path = workdir / "config.json"
+            if not path.is_file():
+                raise IncompatibleWorkdirError(
+                    f"checkpoint step {step} in {workdir} was saved without its config (an older jaxsmooth) "
+                    f"and {path} is missing, so nothing tells whether it belongs to this config: restore "
+                    "config.json, use another --workdir, or --restart"
+                )
+            old = wd.read_json(path, "restore it from a copy of the run, or use --restart")
+            try:
+                saved = wd.resolved_config(old, ModelConfig.from_dict(old["model"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise wd.MetadataError(f"{path} is not a valid run config ({e}); use --restart") from None
+            source = f"{path} (checkpoint step {step} predates stored configs)"
+        diffs = wd.config_differences(saved, resolved)
+        if diffs:
+            raise IncompatibleWorkdirError(
+                f"{workdir} holds a run made with a different config ({source}); resuming would mix two "
+                "runs:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse the same values, another --workdir, or --restart to "
+                "start over (the previous run's files are kept)."
+            )
+
+
+def _refuse_silent_restart(workdir: Path, ckpt: Checkpoints) -> None:
+    """No checkpoint to resume from: raise NoUsableCheckpointError if the workdir holds a run's progress
+    (checkpoints that all failed, checkpoints found corrupt earlier, or logged steps)."""
+    reasons = []
+    if ckpt.found:
+        reasons.append(
+            f"its checkpoints (steps {ckpt.found}) are all corrupt or unverifiable and were moved to "
+            f"{ckpt.corrupt_directory}"
+        )
+    else:
+        corrupt = sorted(ckpt.corrupt_directory.iterdir()) if ckpt.corrupt_directory.is_dir() else []
+        metrics = workdir / "metrics.jsonl"
+        logged = (
+            [r["step"] for r in read_metrics(metrics) if r.get("type") == "train"]
+            if metrics.is_file()
+            else []
+        )
+        if logged:
+            reasons.append(f"metrics.jsonl records steps up to {max(logged)}")
+        if corrupt:
+            reasons.append(
+                f"{ckpt.corrupt_directory} holds {len(corrupt)} checkpoint(s) found corrupt before"
+            )
+    if reasons:
+        raise NoUsableCheckpointError(
+            f"{workdir} holds a run but no checkpoint to resume from ({'; '.join(reasons)}). {RESTART_HINT}"
         )
 
 
-def _diff(prefix: str, a: Any, b: Any) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(f"{prefix}.{k}", a.get(k), b.get(k))]
-    return [] if a == b else [f"{prefix}: workdir has {a!r}, config has {b!r}"]
+def _estimate_checkpoint_bytes(mcfg: ModelConfig) -> int:
+    """A lower bound on one checkpoint's size: the layer stack's parameters and two Adam moments (float32),
+    plus Orbax's files. Embeddings and head are left out (they need the data); 0 if it cannot be built."""
+    from jaxsmooth.nnx import Transformer
+
+    try:
+        abstract = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+        n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    except Exception:  # noqa: BLE001 - only an estimate
+        return 0
+    return 3 * 4 * n + (256 << 10)
+
+
+def _check_space(workdir: Path, config, mcfg: ModelConfig, ckpt: Checkpoints) -> None:
+    """Before compiling: room for the checkpoints still to be written (one more than max_to_keep exists
+    while a save is in progress) and the logs."""
+    if ckpt.candidates:
+        per, how = wd.tree_size(ckpt.directory / str(ckpt.candidates[0])), "as large as the last"
+    else:
+        per, how = _estimate_checkpoint_bytes(mcfg), "at least"
+    count = max(1, config.train.max_to_keep + 1 - len(ckpt.candidates or []))
+    wd.check_free_space(
+        workdir,
+        count * per + (8 << 20),
+        f"{count} checkpoint(s) of {how} {per / 2**20:.2f} MiB, and the logs",
+    )
+
+
+def _devices_line(d: dict) -> str:
+    return (
+        f"{d.get('count')} {d.get('platform')} device(s), {d.get('processes')} process(es), "
+        f"{d.get('host_cpus')} host CPU(s)"
+    )
 
 
 @contextmanager
@@ -414,6 +515,28 @@ def _stop_signals() -> Iterator[dict]:
             signal.signal(s, h)
 
 
+def _lock(stack: ExitStack, workdir: Path, primary: bool) -> wd.WorkdirLock:
+    """Take the workdir's lock on process 0; every process learns whether it got it (all stop together)."""
+    try:
+        lock = stack.enter_context(wd.WorkdirLock(workdir, enabled=primary))
+        ok = True
+    except wd.WorkdirLockedError:
+        if jax.process_count() == 1:
+            raise
+        lock, ok, error = None, False, sys.exc_info()[1]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok_all = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+        if not ok:
+            raise error
+        if not ok_all:
+            raise wd.WorkdirLockedError(
+                f"{workdir} is in use by another trainer (process 0 could not lock it)"
+            )
+    return lock
+
+
 # ---------------------------------------------------------------------------------------- train
 
 
@@ -435,31 +558,81 @@ class _Run:
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None, verbose=True
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    stop_after: int | None = None,
+    verbose=True,
+    restart: bool = False,
 ) -> dict:
     """Train (or resume) the run of `config` in `workdir`; returns the summary dict.
 
-    stop_after: stop after this global step as if interrupted (checkpoint, then `Interrupted`): for
-    tests and time-boxed jobs; the schedule still follows config.train.steps.
-    Raises ValueError (bad config), data.DataNotFoundError, IncompatibleWorkdirError, NonFiniteError,
+    Args:
+      config: the run config (see configs/).
+      workdir: the run directory (created if missing; locked for the run's life).
+      stop_after: stop after this global step as if interrupted (checkpoint, then `Interrupted`): for
+        tests and time-boxed jobs; the schedule still follows config.opt.decay_steps.
+      verbose: print the start-up lines and progress (process 0).
+      restart: start over from step 0, renaming the previous run's files (metrics.jsonl, summary.json,
+        config.json, curves.png, checkpoints/) to <name>.<k>... first; nothing is deleted. Needed when the
+        workdir holds a run but no usable checkpoint, or to reuse a workdir for another config.
+    Returns the summary (also written to workdir/summary.json).
+    Raises ValueError (bad config), data.DataNotFoundError, workdir.WorkdirError (the workdir cannot hold
+    the run; WorkdirLockedError: another trainer uses it), IncompatibleWorkdirError,
+    checkpoint.NoUsableCheckpointError, workdir.MetadataError, workdir.DiskFullError, NonFiniteError,
     Interrupted.
     """
     t_start = time.perf_counter()
+    wd.check_finite(json.loads(config.to_json_best_effort()))
     mcfg = check_config(config)
-    workdir = Path(workdir)
     primary = jax.process_index() == 0
-    say = print if (verbose and primary) else (lambda *a, **k: None)
-    _check_workdir_config(workdir / "config.json", config)  # every process: all must refuse together
+    workdir = wd.prepare_workdir(workdir)  # before compiling: a bad path fails at once
+    with ExitStack() as stack:
+        lock = _lock(stack, workdir, primary)
+        if lock is not None and lock.took_over:
+            print(lock.took_over, file=sys.stderr, flush=True)
+        return _train(config, mcfg, workdir, primary, t_start, stop_after, verbose, restart)
 
-    run, state = _setup(config, mcfg, workdir, primary)  # mesh, data, model, compiled steps
-    if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
+
+def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, stop_after, verbose, restart):
+    """`train` with the workdir locked."""
+    say = print if (verbose and primary) else (lambda *a, **k: None)
+    warn = (lambda m: print(m, file=sys.stderr, flush=True)) if primary else (lambda m: None)
+    if restart and primary:
+        moved = wd.archive_previous_run(workdir)
+        if moved:
+            warn(f"restart: starting over; the previous run's files are kept ({', '.join(moved)})")
+    checkpoint._sync("jaxsmooth_restart")
+    config_dict = json.loads(config.to_json_best_effort())
+    resolved = wd.resolved_config(config_dict, mcfg)
     total = config.train.steps
-    ckpt = Checkpoints(workdir, config.train.max_to_keep)
+    ckpt = Checkpoints(
+        workdir, config.train.max_to_keep, metadata={"config": config_dict, "resolved": resolved}
+    )
     try:
+        # Before compiling: verify the checkpoints' files, compare configs, check the space.
+        candidates = ckpt.inspect()
+        _check_workdir_config(workdir, resolved, ckpt)  # every process: all must refuse together
+        if not candidates and not restart:
+            _refuse_silent_restart(workdir, ckpt)
+        _check_space(workdir, config, mcfg, ckpt)
+
+        run, state = _setup(config, mcfg, workdir, primary)  # mesh, data, model, compiled steps
+        devices = {
+            "count": run.mesh.devices.size,
+            "platform": jax.devices()[0].platform,
+            "processes": jax.process_count(),
+            "allocator": runtime.active_allocator(),
+            "host_cpus": len(os.sched_getaffinity(0)),  # XLA:CPU splits its work over these threads
+        }
+        ckpt.metadata["devices"] = {k: v for k, v in devices.items() if k != "allocator"}
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        restored = ckpt.restore_latest(abstract)
+        try:
+            restored = ckpt.restore_latest(abstract)  # only a verified step
+        except NoUsableCheckpointError as e:
+            raise NoUsableCheckpointError(f"{e}. {RESTART_HINT}") from None
         start = 0
+        notes = []
         if restored is not None:
             start, state = restored
             if start > total:
@@ -467,24 +640,28 @@ def train(
                     f"train.steps={total} is below the step {start} already reached in {workdir}; "
                     "raise train.steps to continue the run"
                 )
+            saved_devices = (ckpt.metas.get(start) or {}).get("devices")
+            if saved_devices and any(saved_devices.get(k) != v for k, v in ckpt.metadata["devices"].items()):
+                notes.append(
+                    f"note: step {start} was saved on {_devices_line(saved_devices)}; this run uses "
+                    f"{_devices_line(devices)}: it continues from the same state, but its losses will not be "
+                    "bit-identical to an uninterrupted run's (README: resuming)"
+                )
         log = MetricsLog(workdir / "metrics.jsonl", primary)
         log.truncate_after(start)  # records of steps after the checkpoint are re-logged, identically
         if primary:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        devices = {
-            "count": run.mesh.devices.size,
-            "platform": jax.devices()[0].platform,
-            "processes": jax.process_count(),
-            "allocator": runtime.active_allocator(),
-        }
+            wd.atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         say(
             f"jaxsmooth train: {config.name} ({run.num_params:,} parameters) in {workdir}\n"
             f"  data {config.data.name}: {len(run.ds.x_train)} train / {len(run.ds.x_test)} test; "
             f"batch {config.data.batch_size} over {devices['count']} {devices['platform']} device(s), "
             f"{devices['processes']} process(es); {devices['allocator']} allocator\n"
-            + (f"  resumed from step {start}\n" if start else "")
+            + (f"  resumed from step {start} (verified)\n" if start else "")
             + "".join(f"  {r}\n" for r in ckpt.reports)
         )
+        for n in notes:
+            warn(n)
+            log.write({"type": "event", "step": start, "event": "resumed_on_other_devices", "detail": n})
         for r in ckpt.reports:
             log.write({"type": "event", "step": start, "event": "corrupt_checkpoint", "detail": r})
         if start:
@@ -535,13 +712,21 @@ def train(
         "wall_time_s": time.perf_counter() - t_start,
         "steps_per_sec": steps_per_sec,
         "devices": devices,
-        "config": json.loads(config.to_json_best_effort()),
+        "config": config_dict,
     }
     if primary:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        wd.atomic_write_json(workdir / "summary.json", summary)
         from jaxsmooth.plots import plot_curves  # matplotlib only now: it takes a second to import
 
-        plot_curves(records, workdir / "curves.png", title=f"{config.name} ({total} steps)")
+        tmp = workdir / ".curves.tmp.png"  # rendered aside, then renamed: never a half-written curves.png
+        try:
+            plot_curves(records, tmp, title=f"{config.name} ({total} steps)")
+            os.replace(tmp, workdir / "curves.png")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if wd.is_disk_full(e):
+                raise wd.disk_full_error(workdir / "curves.png", e) from None
+            raise
     return summary
 
 
@@ -647,7 +832,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals)
         if bad >= 0:
             raise NonFiniteError(
                 f"non-finite loss, gradient or parameters at step {bad} (loss at step {step}: "
-                f"{float(m['loss'])}); stopped. The last checkpoint ({_last(ckpt)}) is intact."
+                f"{float(m['loss'])}); stopped. {_last(ckpt)}"
             )
         rec = _host_record(step, m, run.mcfg.alpha_beta[0], run.mcfg.residual, run.mcfg.value_norm)
         last = (step, time.perf_counter())
@@ -660,8 +845,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals)
         bad = int(jax.device_get(s["bad_step"]))
         if bad >= 0:
             raise NonFiniteError(
-                f"non-finite loss, gradient or parameters at step {bad}; stopped before saving. "
-                f"The last checkpoint ({_last(ckpt)}) is intact."
+                f"non-finite loss, gradient or parameters at step {bad}; stopped before saving. {_last(ckpt)}"
             )
 
     for step in range(start + 1, stop_at + 1):  # `step` = updates done once this iteration's step ran
@@ -695,5 +879,14 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals)
 
 
 def _last(ckpt: Checkpoints) -> str:
+    """A true sentence about the newest checkpoint, checked now (for the messages of a stopped run)."""
     steps = ckpt.steps()
-    return f"step {steps[-1]}" if steps else "none saved yet"
+    if not steps:
+        return "No checkpoint was saved yet."
+    step_dir = ckpt.directory / str(steps[-1])
+    problem = checkpoint.verify(step_dir)
+    if problem is not None:
+        return f"The last checkpoint, step {steps[-1]}, fails its checksums ({problem}); a rerun skips it."
+    if not checkpoint.has_checksum(step_dir):
+        return f"The last checkpoint, step {steps[-1]}, has no checksum file; a rerun checks its digests."
+    return f"The last checkpoint, step {steps[-1]}, matches its checksums (checked just now)."

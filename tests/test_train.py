@@ -24,7 +24,8 @@ from conftest import XLA_CACHE_ENV
 
 from jaxsmooth import cli, runtime, train
 from jaxsmooth import data as data_lib
-from jaxsmooth.checkpoint import CheckpointError, Checkpoints, verify
+from jaxsmooth import workdir as wd
+from jaxsmooth.checkpoint import CHECKSUM_FILE, META_ITEM, CheckpointError, Checkpoints, verify
 
 N = 6  # steps of the reference run; checkpoints every 2
 CACHE_ENV = XLA_CACHE_ENV  # conftest: the persistent compilation cache, also for the CLI subprocesses
@@ -175,7 +176,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(reference, tmp_pat
         return x, y
 
     monkeypatch.setattr(data_lib.Batcher, "batch", poisoned)
-    with pytest.raises(train.NonFiniteError, match=f"at step {N + 2}"):
+    # The message's claim about the last checkpoint is checked when it is made.
+    with pytest.raises(train.NonFiniteError, match=f"at step {N + 2}.*step {N}, matches its checksums"):
         train.train(tiny(steps=N + 4), workdir, verbose=False)
     assert Checkpoints(workdir, 3).steps() == [2, 4, 6]  # step 8 (a checkpoint step) was not saved
     assert all(verify(workdir / "checkpoints" / str(s)) is None for s in (2, 4, 6)) and not any(
@@ -186,7 +188,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(reference, tmp_pat
 
 def test_incompatible_workdir_is_refused(reference, tmp_path):
     workdir = copy_run(reference, tmp_path)
-    with pytest.raises(train.IncompatibleWorkdirError, match="model.depth: workdir has 1, config has 2"):
+    with pytest.raises(train.IncompatibleWorkdirError, match="model.depth: checkpoint has 1, config has 2"):
         train.train(tiny(**{"model.depth": 2}), workdir, verbose=False)
 
 
@@ -204,6 +206,10 @@ def test_cli_sigterm_then_resume(tmp_path):
         if metrics.exists() and len(train_records(workdir)) >= 3:
             break
         time.sleep(0.2)
+    # A second trainer on the same workdir is refused at once, naming the first; the first is unharmed.
+    with pytest.raises(wd.WorkdirLockedError, match=f"in use by another trainer \\(pid {proc.pid} on host"):
+        train.train(tiny(), workdir, verbose=False)
+    assert cli.train_main([*cmd[4:], *overrides]) == 1  # the CLI refuses before importing JAX
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -238,3 +244,195 @@ def test_load_run_reproduces_the_final_evaluation(reference):
     assert acc == pytest.approx(summary["test_accuracy"], abs=1e-9)
     with pytest.raises(CheckpointError, match="no checkpoint for step 5"):
         train.load_run(workdir, step=5)
+
+
+# ---------------------------------------------------------------------------------------- fault injection
+
+
+def _steps_on_disk(workdir):
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _data_files(step_dir):
+    return sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+                  key=lambda p: -p.stat().st_size)  # fmt: skip
+
+
+# Run in a subprocess: train the tiny run, SIGKILLed between Orbax's commit of step 4 and its checksum file.
+_KILL_BEFORE_CHECKSUM = """
+import os, signal, sys
+from jaxsmooth import checkpoint, cli, train, workdir
+config = cli.parse_train_args(sys.argv[2:])[0]
+write = workdir.atomic_write_text
+def killing(path, text):
+    if path.name == checkpoint.CHECKSUM_FILE and path.parent.name == "4":
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(path, text)
+workdir.atomic_write_text = killing
+train.train(config, sys.argv[1], verbose=False)
+"""
+
+
+def test_kill_between_commit_and_checksum_then_verified_resume(reference, tmp_path, capsys):
+    """SIGKILL after Orbax committed step 4 but before its checksum file: the step is verified by the
+    digests saved with it and resumed bit-identically; with a flipped bit in it (no checksum to catch
+    it), the rerun falls back to step 2 and still ends bit-identical. The dead trainer's lock is taken
+    over with a message."""
+    workdir = tmp_path / "killed"
+    overrides = [f"--config.{k}={v}" for k, v in TINY.items()]
+    cmd = [sys.executable, "-c", _KILL_BEFORE_CHECKSUM, str(workdir), "--config", "digits:quick", *overrides,
+           f"--config.train.steps={N}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, **CACHE_ENV}, stderr=subprocess.PIPE, text=True)
+    proc.stderr_text = proc.communicate(timeout=300)[1]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr_text
+    step4 = workdir / "checkpoints" / "4"
+    assert _steps_on_disk(workdir) == [2, 4] and not (step4 / CHECKSUM_FILE).exists()
+    flipped = tmp_path / "flipped"
+    shutil.copytree(workdir, flipped)
+
+    summary = train.train(tiny(), workdir, verbose=False)
+    err = capsys.readouterr().err
+    assert f"taking over the lock of {workdir}, left by pid {proc.pid} on host" in err
+    assert summary["resumed_from"] == 4 and "corrupt" not in err
+    assert logged(train_records(workdir)) == logged(reference[2])
+
+    for victim in _data_files(flipped / "checkpoints" / "4"):  # one bit in each file of arrays
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        victim.write_bytes(bytes(raw))
+    summary = train.train(tiny(), flipped, verbose=False)
+    assert summary["resumed_from"] == 2 and "checkpoint step 4" in capsys.readouterr().err
+    assert logged(train_records(flipped)) == logged(reference[2])
+    assert len(list((flipped / "checkpoints_corrupt").iterdir())) == 1
+
+
+def test_config_mismatch_is_refused_even_without_config_json(reference, tmp_path):
+    """The config is stored in every checkpoint: deleting config.json hides nothing. Differences that
+    change the model, the data stream or the optimiser are refused with the list; nothing is moved and
+    the logs are untouched. Harmless differences resume."""
+    workdir = copy_run(reference, tmp_path)
+    (workdir / "config.json").unlink()
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    refused = {
+        "model.depth": 2,  # another shape
+        "model.spectrum.mode": "neutral",  # the same shapes: restoring would have "worked"
+        "data.seed": 1,
+        "data.batch_size": 8,
+        "data.train_fraction": 0.5,
+        "opt.lr": 1e-4,
+    }
+    for field, value in refused.items():
+        with pytest.raises(
+            train.IncompatibleWorkdirError, match=f"(?s)different config.*{field}: checkpoint has"
+        ):
+            train.train(tiny(**{field: value}), workdir, verbose=False)
+    assert _steps_on_disk(workdir) == [2, 4, 6] and not (workdir / "checkpoints_corrupt").exists()
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics
+    harmless = {"model.spectrum.lo": -1.0, "model.remat": "full", "train.log_every": 2, "train.eval_every": 3}
+    summary = train.train(tiny(**harmless), workdir, verbose=False)
+    assert summary["resumed_from"] == N and summary["steps_this_run"] == 0
+    assert json.loads((workdir / "config.json").read_text())["model"]["remat"] == "full"
+
+
+def test_all_corrupt_stops_and_restart_keeps_the_old_metrics(reference, tmp_path):
+    workdir = copy_run(reference, tmp_path)
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    for s in (2, 4, 6):
+        victim = _data_files(workdir / "checkpoints" / str(s))[0]
+        victim.write_bytes(victim.read_bytes()[:10])
+    with pytest.raises(train.NoUsableCheckpointError, match=r"steps \[2, 4, 6\].*--restart"):
+        train.train(tiny(), workdir, verbose=False)
+    assert len(list((workdir / "checkpoints_corrupt").iterdir())) == 3
+    with pytest.raises(train.NoUsableCheckpointError, match="metrics.jsonl records steps up to 6.*--restart"):
+        train.train(tiny(), workdir, verbose=False)  # the next run does not start over silently either
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics
+    summary = train.train(tiny(), workdir, verbose=False, restart=True)
+    assert summary["resumed_from"] is None
+    assert (workdir / "metrics.1.jsonl").read_bytes() == metrics  # kept, not overwritten
+    assert (workdir / "summary.1.json").is_file() and (workdir / "checkpoints.1").is_dir()
+    assert logged(train_records(workdir)) == logged(reference[2])
+
+
+def test_truncated_config_json_and_older_checkpoints(reference, tmp_path):
+    """An empty config.json (a crash mid-write, before writes were atomic) does not stop a run whose
+    checkpoints carry their config; for checkpoints saved without one, the damaged file is named."""
+    workdir = copy_run(reference, tmp_path)
+    good = (workdir / "config.json").read_text()
+    (workdir / "config.json").write_text("")
+    assert train.load_run(workdir).step == N  # the model is rebuilt from the checkpoint's config
+    assert train.train(tiny(), workdir, verbose=False)["steps_this_run"] == 0
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(good)  # rewritten whole
+
+    for s in (2, 4, 6):  # as an older jaxsmooth saved them: no meta item, checksums of the rest
+        step_dir = workdir / "checkpoints" / str(s)
+        shutil.rmtree(step_dir / META_ITEM)
+        sums = json.loads((step_dir / CHECKSUM_FILE).read_text())
+        (step_dir / CHECKSUM_FILE).write_text(
+            json.dumps({k: v for k, v in sums.items() if META_ITEM not in k})
+        )
+    (workdir / "config.json").write_text(good[: len(good) // 2])
+    with pytest.raises(wd.MetadataError, match=f"{workdir / 'config.json'} is damaged: not valid JSON"):
+        train.train(tiny(), workdir, verbose=False)
+    (workdir / "config.json").write_text(good)
+    with pytest.raises(train.IncompatibleWorkdirError, match="(?s)predates stored configs.*model.depth"):
+        train.train(tiny(**{"model.depth": 2}), workdir, verbose=False)
+    (workdir / "config.json").unlink()
+    with pytest.raises(
+        train.IncompatibleWorkdirError, match="saved without its config.*config.json is missing"
+    ):
+        train.train(tiny(), workdir, verbose=False)
+    assert _steps_on_disk(workdir) == [2, 4, 6]
+
+
+def test_resume_on_other_host_cpus_says_it_is_not_bit_identical(reference, tmp_path, monkeypatch, capsys):
+    workdir = copy_run(reference, tmp_path)
+    saved = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(saved + 1)))
+    train.train(tiny(steps=N + 1), workdir, verbose=False)
+    err = capsys.readouterr().err
+    assert f"{saved} host CPU(s); this run uses" in err and "not be bit-identical" in err
+    events = [r["event"] for r in train.read_metrics(workdir / "metrics.jsonl") if r["type"] == "event"]
+    assert "resumed_on_other_devices" in events
+
+
+def test_disk_full_mid_run_then_resume(reference, tmp_path, monkeypatch):
+    """A real full disk (tmpfs): too little space is refused before compiling; running out during a save
+    stops with one message naming the step and the last good one, and the rerun (after freeing space)
+    resumes from it bit-identically."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (6 << 20))
+        with pytest.raises(wd.WorkdirError, match="MiB free where .*needs about"):
+            train.train(tiny(), disk / "run", verbose=False)  # 6 MiB free < 8 MiB for the logs + checkpoints
+        filler.unlink()
+        save = Checkpoints.save
+
+        def fill_then_save(self, step, state):
+            if step == 4:  # the disk fills up just before this save
+                with filler.open("wb") as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * (1 << 16))
+                    except OSError:
+                        pass
+            save(self, step, state)
+
+        monkeypatch.setattr(Checkpoints, "save", fill_then_save)
+        with pytest.raises(wd.DiskFullError) as info:
+            train.train(tiny(), disk / "run", verbose=False)
+        assert "disk full while saving checkpoint step 4" in info.value.strerror
+        assert "the last checkpoint, step 2, is untouched" in info.value.strerror
+        monkeypatch.setattr(Checkpoints, "save", save)
+        filler.unlink()
+        summary = train.train(tiny(), disk / "run", verbose=False)
+        assert summary["resumed_from"] == 2
+        assert logged(train_records(disk / "run")) == logged(reference[2])
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
