@@ -181,6 +181,9 @@ def data(
     c.batch_size = batch_size  # global batch (images or text windows), split over the devices
     c.eval_batch_size = 256  # test batches (padded, masked)
     c.seed = 0  # data order (text: window offsets) and the train_fraction subset
+    c.val_size = 0  # training items held out as the validation split (text: characters); 0 = none
+    c.corrupt_train = "none"  # images: "NAME:SEVERITY" corrupts the training and validation images
+    c.eval_corruptions = ""  # images: "NAME:SEVERITY,..." corrupted test sets of the final evaluation
     c.patch_size = _unset(patch_size, int)  # images: side of the square patches (None for text)
     c.seq_len = _unset(seq_len, int)  # text: context length T in tokens (None for images)
     return _override(c, overrides, "data")
@@ -200,6 +203,11 @@ def train(quick: bool, *, steps: int, **overrides: Any) -> ml_collections.Config
     c.max_to_keep = 3  # checkpoints kept (>= 2 lets a corrupt latest one fall back)
     c.seed = 0  # parameter init and dropout
     c.num_devices = 0  # data-parallel devices (0 = all)
+    c.select = "last"  # parameters the final test uses: last | best_val (best validation metric)
+    c.train_eval_size = 0  # training items evaluated at the end (train accuracy / loss); 0 = none
+    c.test_max_examples = 0  # test items in the final evaluation (0 = all)
+    c.profile = False  # per-layer smoothing profile (eval mode, held-out data) at init and at the end
+    c.on_nonfinite = "stop"  # stop (an error) | record (summary.json marks the run as diverged)
     return _override(c, overrides, "train")
 
 

@@ -33,6 +33,9 @@ VERBS = {
     "train": "train a model from a config (resumes in an existing workdir)",
     "configs": "list the packaged configs, one line each",
     "audit": "measure and predict per-layer smoothing of a run or a pretrained model (jaxsmooth.audit)",
+    "study": "run / report a study: a grid of runs with seeds and committed records (jaxsmooth.study)",
+    "sample": "print text sampled from a trained character LM (a run directory)",
+    "convert": "convert unconstrained attention weights to spectral ones (jaxsmooth.convert)",
 }
 
 TRAIN_USAGE = """usage: jaxsmooth train [--config FILE[:ARGS] | NAME[:ARGS]] [--workdir DIR] [--config.X=V]
@@ -307,6 +310,52 @@ def print_summary(s: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def sample_main(argv: list[str]) -> int:
+    """`jaxsmooth sample --workdir DIR --prompt TEXT`: text from a trained character LM, through the KV cache
+    (`CausalLM.generate`, one compiled program)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="jaxsmooth sample", description=sample_main.__doc__)
+    p.add_argument("--workdir", required=True, help="a run directory of a text config (shakespeare_char)")
+    p.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="characters to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    args = p.parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsmooth import checkpoint, train
+
+    try:
+        run = train.load_run(args.workdir, args.step)
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+        print(f"jaxsmooth sample: error: {e}", file=sys.stderr)
+        return 2
+    if run.dataset.kind != "text":
+        msg = f"{args.workdir} is an image model ({run.config.data.name}); sample needs a character LM run"
+        print(f"jaxsmooth sample: error: {msg} (e.g. --config shakespeare_char)", file=sys.stderr)
+        return 2
+    try:
+        ids = run.dataset.encode(args.prompt)
+    except ValueError as e:
+        print(f"jaxsmooth sample: error: {e}", file=sys.stderr)
+        return 2
+    ids = ids[-(run.model.max_len - 1) :] if len(ids) >= run.model.max_len else ids
+    n = min(args.max_new_tokens, run.model.max_len - len(ids))
+    if n < 1:
+        print("jaxsmooth sample: error: the prompt fills the model's context; shorten it", file=sys.stderr)
+        return 2
+    out = run.model.generate(jnp.asarray(ids)[None, :], n, temperature=args.temperature, top_k=args.top_k,
+                             rng=jax.random.key(args.seed))  # fmt: skip
+    print(run.dataset.decode(out[0]), flush=True)
+    if n < args.max_new_tokens:
+        print(f"(stopped after {n} characters: the model's context is {run.model.max_len})", file=sys.stderr)
+    return 0
+
+
 def usage() -> str:
     verbs = "\n".join(f"  {v:8s} {h}" for v, h in VERBS.items())
     return f"usage: jaxsmooth <command> [args]\n\ncommands:\n{verbs}\n\n'jaxsmooth train --help' for details."
@@ -376,5 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         from jaxsmooth import audit  # lazily: written separately, imports its own dependencies
 
         return int(audit.main(rest) or 0)
+    if verb == "study":
+        from jaxsmooth import study
+
+        return study.main(rest)
+    if verb == "sample":
+        return sample_main(rest)
+    if verb == "convert":
+        from jaxsmooth import convert
+
+        return int(convert.main(rest) or 0)
     print(f"jaxsmooth: unknown command {verb!r}\n\n{usage()}", file=sys.stderr)
     return 2

@@ -30,17 +30,22 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
     ax_unused.set_axis_off()
     if train:
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test")
+    for split in ("val", "test"):  # periodic evaluations use the validation split when there is one
+        pts = [(r["step"], r[f"{split}_loss"]) for r in evals if f"{split}_loss" in r]
+        if pts:
+            ax_loss.plot(*zip(*pts, strict=True), "o-", label=split)
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_loss.set_yscale("log")
     ax_loss.legend()
 
-    metric = "test_accuracy" if any("test_accuracy" in r for r in evals) else "test_bpc"
-    pts = [(r["step"], r[metric]) for r in evals if metric in r]
-    if pts:
-        ax_acc.plot(*zip(*pts, strict=True), "o-")
-    ax_acc.set(xlabel="step", ylabel=metric.replace("_", " "), title=metric.replace("_", " "))
+    kind = "accuracy" if any(k.endswith("_accuracy") for r in evals for k in r) else "bpc"
+    for split in ("val", "test"):
+        pts = [(r["step"], r[f"{split}_{kind}"]) for r in evals if f"{split}_{kind}" in r]
+        if pts:
+            ax_acc.plot(*zip(*pts, strict=True), "o-", label=split)
+    ax_acc.set(xlabel="step", ylabel=kind, title=f"{kind} (validation / test)")
+    if evals:
+        ax_acc.legend()
 
     picks = [stats[0], stats[-1]] if len(stats) > 1 else stats
     for r in picks:

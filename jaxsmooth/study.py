@@ -204,8 +204,45 @@ def make_record(cell: Cell, workdir: Path, wall_s: float, config) -> dict:
         "depth": config.model.depth, "d_model": config.model.d_model,
         "jaxsmooth_version": _version(),
     }  # fmt: skip
-    rec.update({k: _round(summary[k]) for k in RECORD_FIELDS if k in summary})
+    rec.update({k: _round(_compact(summary[k])) for k in RECORD_FIELDS if k in summary})
+    rec.update(_derived(rec))
     return rec
+
+
+MAX_LAYER_POINTS = 65  # per-layer arrays of deeper stacks keep this many evenly spaced layers
+
+
+def _compact(v: Any) -> Any:
+    """Per-layer arrays of very deep stacks thinned to MAX_LAYER_POINTS evenly spaced layers (the kept
+    indices are recorded), so a 1000-layer record stays a few KB."""
+    if isinstance(v, dict) and v and all(isinstance(x, list) for x in v.values()):
+        n = max(len(x) for x in v.values())
+        if n > MAX_LAYER_POINTS:
+            idx = sorted({round(i * (n - 1) / (MAX_LAYER_POINTS - 1)) for i in range(MAX_LAYER_POINTS)})
+            return {"layers": idx, **{k: [x[i] for i in idx] for k, x in v.items()}}
+        return v
+    if isinstance(v, list) and len(v) > MAX_LAYER_POINTS:
+        idx = sorted({round(i * (len(v) - 1) / (MAX_LAYER_POINTS - 1)) for i in range(MAX_LAYER_POINTS)})
+        return [v[i] for i in idx]
+    return v
+
+
+def _derived(rec: dict) -> dict:
+    """Scalars the reports use: the last layer's smoothing at init and at the end, the mean fraction of
+    negative LN1 gains and of effective eigenvalues on the wrong side."""
+    out = {}
+    for when in ("init", "final"):
+        prof = rec.get(f"profile_{when}") or {}
+        for k, short in (("token_cosine", "cos"), ("hfc_lfc", "hfc_lfc"), ("effective_rank", "erank")):
+            if prof.get(k):
+                out[f"{short}_{when}_last"] = prof[k][-1]
+    if rec.get("ln_gain_neg_frac"):
+        ln1 = [row[0] for row in rec["ln_gain_neg_frac"]]
+        out["ln1_neg_frac_mean"] = _round(sum(ln1) / len(ln1))
+    if rec.get("eff_wrong_frac"):
+        w = [x for x in rec["eff_wrong_frac"] if x is not None]
+        out["eff_wrong_frac_mean"] = _round(sum(w) / len(w)) if w else None
+    return out
 
 
 def _round(v: Any) -> Any:
@@ -225,7 +262,9 @@ def _version() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              timeout=10, cwd=Path(__file__).parent)  # fmt: skip
-        return f"{jaxsmooth.__version__}+{rev.stdout.strip()}" if rev.returncode == 0 else jaxsmooth.__version__
+        return (
+            f"{jaxsmooth.__version__}+{rev.stdout.strip()}" if rev.returncode == 0 else jaxsmooth.__version__
+        )
     except OSError:
         return jaxsmooth.__version__
 
@@ -444,7 +483,9 @@ def table(records: list[dict], spec: dict, metric: str, baseline: str = "baselin
 # ------------------------------------------------------------------------------------ report
 
 
-def report(spec: dict, records: list[dict], out_dir: str | Path, metrics: Sequence[str] | None = None) -> Path:
+def report(
+    spec: dict, records: list[dict], out_dir: str | Path, metrics: Sequence[str] | None = None
+) -> Path:
     """`<out_dir>/<study>.md` (tables of every metric) and `<study>_*.png` figures; returns the md path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -480,8 +521,10 @@ def _figures(spec: dict, records: list[dict], out_dir: Path, metric: str) -> lis
         for v in variants:
             xs, ms, ss = [], [], []
             for point in map(point_tags, spec["grid"]):
-                vals = [_get(r, metric) for r in records
-                        if r["variant"] == v and all(r["tags"].get(k) == p for k, p in point.items())]  # fmt: skip
+                match = lambda r, v=v, point=point: (
+                    r["variant"] == v and all(r["tags"].get(k) == p for k, p in point.items())
+                )
+                vals = [_get(r, metric) for r in records if match(r)]
                 m, s, n = mean_std(vals)
                 if n:
                     xs.append(point[x_field]), ms.append(m), ss.append(0.0 if n < 2 else s)

@@ -27,6 +27,7 @@ step and before every checkpoint, so a bad state is never saved and the error na
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -118,6 +119,7 @@ def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
             good = False
         if not good:
             raise ValueError(f"{field}={value!r} {why}")
+    _check_protocol(config)
     if not is_text(config):
         size = d.kwargs.get("pad_to") or _IMAGE_SIZE.get(d.name)
         if size and size % d.patch_size:
@@ -127,6 +129,36 @@ def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
             )
     optim.make_schedule(config.opt)  # validates opt.*
     return ModelConfig.from_dict(config.model.to_dict())
+
+
+def setting(config, dotted: str, default: Any) -> Any:
+    """A config field, or `default` for configs written before the field existed."""
+    section, name = dotted.split(".")
+    return config[section].get(name, default)
+
+
+def _check_protocol(config) -> None:
+    """The evaluation protocol's fields (validation split, selection, extra evaluations)."""
+    for field in ("data.val_size", "train.train_eval_size", "train.test_max_examples"):
+        v = setting(config, field, 0)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{field}={v!r} must be an integer >= 0")
+    select = setting(config, "train.select", "last")
+    if select not in ("last", "best_val"):
+        raise ValueError(f"train.select={select!r}; choose last or best_val")
+    if select == "best_val" and not setting(config, "data.val_size", 0):
+        raise ValueError("train.select=best_val needs a validation split: set data.val_size > 0")
+    on_nonfinite = setting(config, "train.on_nonfinite", "stop")
+    if on_nonfinite not in ("stop", "record"):
+        raise ValueError(f"train.on_nonfinite={on_nonfinite!r}; choose stop or record")
+    if not isinstance(setting(config, "train.profile", False), bool):
+        raise ValueError(f"train.profile={setting(config, 'train.profile', False)!r} must be True or False")
+    corrupt_train = setting(config, "data.corrupt_train", "none")
+    evals = setting(config, "data.eval_corruptions", "")
+    data_lib.parse_corruption(corrupt_train)  # raises a ValueError naming the bad spec
+    data_lib.parse_corruptions(evals)
+    if is_text(config) and (corrupt_train not in (None, "", "none") or evals):
+        raise ValueError("data.corrupt_train / data.eval_corruptions apply to image datasets only")
 
 
 def is_text(config: ml_collections.ConfigDict) -> bool:
@@ -555,6 +587,13 @@ class _Run:
     eval_step: Any
     primary: bool
     num_params: int
+    init_fn: Any = None  # jitted: the initial state (the profile at init is measured on its params)
+
+    @property
+    def eval_split(self) -> str:
+        """Periodic evaluations and model selection use the validation split when there is one; the test
+        split is then evaluated once, at the end."""
+        return "val" if self.ds.x_val is not None else "test"
 
 
 def train(
@@ -649,6 +688,8 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
                 )
         log = MetricsLog(workdir / "metrics.jsonl", primary)
         log.truncate_after(start)  # records of steps after the checkpoint are re-logged, identically
+        best = BestParams(workdir, setting(config, "train.select", "last") == "best_val", primary)
+        best.truncate_after(start)
         if primary:
             wd.atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         say(
@@ -669,16 +710,29 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
 
         stop_at = total if stop_after is None else min(total, stop_after)
         progress = Progress(start, total, verbose and primary)
+        diverged = None
         with _stop_signals() as signals:
             try:
-                state, steps_per_sec = _loop(run, state, start, stop_at, total, ckpt, log, progress, signals)
+                state, steps_per_sec = _loop(
+                    run, state, start, stop_at, total, ckpt, log, progress, signals, best
+                )
+            except NonFiniteError as e:
+                if setting(config, "train.on_nonfinite", "stop") != "record":
+                    raise
+                diverged, steps_per_sec = str(e), None  # recorded as an outcome (depth-stability studies)
+                warn(f"diverged: {e}")
+                log.write({"type": "event", "step": total, "event": "diverged", "detail": str(e)})
             finally:
                 progress.close()
-        if stop_at < total:  # stop_after: the loop saved a checkpoint at stop_at
+        if stop_at < total and diverged is None:  # stop_after: the loop saved a checkpoint at stop_at
             raise Interrupted(None, stop_at)
-        # Final evaluation on the whole test split (even if periodic evals were capped).
-        ev = evaluate(run, state["params"], max_batches=0)
-        log.write({"type": "eval", "step": total, **ev})
+        if diverged is None:
+            # The final evaluation: test (clean and corrupted) once, on the selected parameters.
+            ev = final_evaluation(run, state, best)
+            log.write({"type": "eval", "step": total, **{k: v for k, v in ev.items() if k.endswith(
+                ("_loss", "_accuracy", "_bpc", "_examples"))}})  # fmt: skip
+        else:
+            ev = {"diverged": True, "diverged_detail": diverged, "test_loss": None}
     finally:
         ckpt.close()
 
@@ -692,7 +746,10 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         "steps": total,
         "steps_this_run": total - start,
         "resumed_from": start if restored is not None else None,
-        **ev,  # test_loss, test_examples, and test_accuracy (images) or test_bpc (text)
+        # test_loss, test_examples, test_accuracy (images) or test_bpc (text), and with the protocol's
+        # options val_* / train_* / test_corrupted / profile_init / profile_final / best_step / diverged.
+        **ev,
+        "diverged": ev.get("diverged", False),
         "final_train_loss": last_train["loss"] if last_train else None,
         "final_test_loss": ev["test_loss"],
         # Per-layer profiles at the last stats step (always the final step): [L + 1], input first.
@@ -737,7 +794,9 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     parallel.check_batch_size(d.batch_size, mesh)
     parallel.check_batch_size(d.eval_batch_size, mesh, "data.eval_batch_size")
     replicated = parallel.replicated(mesh)
-    ds = data_lib.prepare(data_lib.load(d.name, **d.kwargs.to_dict()), d.train_fraction, d.seed)
+    val_size, corrupt = setting(config, "data.val_size", 0), setting(config, "data.corrupt_train", None)
+    loaded = data_lib.load(d.name, **d.kwargs.to_dict())
+    ds = data_lib.prepare(loaded, d.train_fraction, d.seed, val_size=val_size, corrupt_train=corrupt)
     if ds.kind == "image" and (ds.image_shape[0] % d.patch_size or ds.image_shape[1] % d.patch_size):
         raise ValueError(f"data.patch_size={d.patch_size} must divide the image shape {ds.image_shape}")
     batcher = data_lib.Batcher(ds, d.batch_size, d.seed, d.seq_len if ds.kind == "text" else None)
@@ -760,7 +819,8 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
         }
 
     # Under jit: no eager per-layer ops, and the state is born replicated on the mesh.
-    state = jax.jit(init, out_shardings=replicated)()
+    init_fn = jax.jit(init, out_shardings=replicated)
+    state = init_fn()
 
     kw = dict(dropout=mcfg.dropout > 0, spectral=mcfg.spectrum is not None)
     jitted = {
@@ -786,7 +846,7 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     steps = {False: compiled["step"], True: compiled["stats_step"]}
     num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abs_params))
     run = _Run(config, workdir, mcfg, ds, batcher, mesh, graphdef, steps, compiled["eval"], primary,
-               num_params)  # fmt: skip
+               num_params, init_fn)  # fmt: skip
     return run, state
 
 
@@ -797,24 +857,131 @@ def _put(run: _Run, *arrays: np.ndarray):
     return parallel.put_batch(run.mesh, b, *(a[rows] for a in arrays))
 
 
-def evaluate(run: _Run, params, max_batches: int = 0) -> dict:
-    """Test-split loss (and accuracy for images, bits per character for text)."""
+def evaluate(
+    run: _Run,
+    params,
+    max_batches: int = 0,
+    *,
+    split: str = "test",
+    ds: data_lib.Dataset | None = None,
+    max_examples: int = 0,
+) -> dict:
+    """A split's loss (and accuracy for images, bits per character for text), keys prefixed by the split
+    ("test_loss", "val_accuracy", ...). ds: another dataset to take the split from (a corrupted test set)."""
     loss_sum, correct, n = 0.0, 0, 0
-    for i, (x, y, n_valid) in enumerate(data_lib.eval_batches(run.ds, run.config.data.eval_batch_size,
-                                                             seq_len=run.batcher.seq_len)):  # fmt: skip
+    batch_size, seq_len = run.config.data.eval_batch_size, run.batcher.seq_len
+    batches = data_lib.eval_batches(ds or run.ds, batch_size, seq_len, split=split, max_examples=max_examples)
+    for i, (x, y, n_valid) in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         ls, c = run.eval_step(params, *_put(run, x, y), jnp.int32(n_valid))
         loss_sum, correct, n = loss_sum + float(ls), correct + int(c), n + n_valid
-    out = {"test_loss": loss_sum / n, "test_examples": n}
+    out = {f"{split}_loss": loss_sum / n, f"{split}_examples": n}
     if run.ds.kind == "text":
-        out["test_bpc"] = out["test_loss"] / math.log(2)  # nats per character -> bits per character
+        out[f"{split}_bpc"] = out[f"{split}_loss"] / math.log(2)  # nats per character -> bits per character
     else:
-        out["test_accuracy"] = correct / n
+        out[f"{split}_accuracy"] = correct / n
     return out
 
 
-def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals):
+def selection_score(ev: dict, split: str) -> float:
+    """Higher is better: accuracy for images, minus the loss for text."""
+    acc = ev.get(f"{split}_accuracy")
+    return acc if acc is not None else -ev[f"{split}_loss"]
+
+
+class BestParams:
+    """train.select=best_val: the parameters of the best validation evaluation so far, kept in the workdir
+    (best/params.npz + best/best.json, written atomically), so a resumed run keeps selecting correctly."""
+
+    def __init__(self, workdir: Path, enabled: bool, primary: bool):
+        self.dir, self.enabled, self.primary = workdir / "best", enabled, primary
+        self.step, self.score = None, -math.inf
+        if enabled and (self.dir / "best.json").is_file():
+            info = wd.read_json(self.dir / "best.json")
+            self.step, self.score = info["step"], info["score"]
+
+    def truncate_after(self, step: int) -> None:
+        """Forget a best found after `step` (a resumed run re-evaluates those steps identically)."""
+        if self.step is not None and self.step > step:
+            self.step, self.score = None, -math.inf
+
+    def offer(self, step: int, score: float, params) -> None:
+        if not self.enabled or score <= self.score:
+            return
+        self.step, self.score = step, score
+        if self.primary:
+            flat = {
+                jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
+            }
+            self.dir.mkdir(exist_ok=True)
+            tmp = self.dir / f"params.{os.getpid()}.tmp.npz"
+            np.savez(tmp, **flat)
+            os.replace(tmp, self.dir / "params.npz")
+            wd.atomic_write_json(self.dir / "best.json", {"step": step, "score": score})
+
+    def load(self, like):
+        """The saved parameters, shaped like `like` (the current parameters)."""
+        with np.load(self.dir / "params.npz") as f:
+            leaves = [f[jax.tree_util.keystr(k)] for k, _ in jax.tree_util.tree_leaves_with_path(like)]
+        return jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a) for a in leaves])
+
+
+def final_evaluation(run: _Run, state, best: BestParams) -> dict:
+    """What the summary reports once training is done: the test split (clean and corrupted) on the
+    selected parameters, the validation and training splits, per-layer profiles and LN-gain signs."""
+    cfg, params = run.config, state["params"]
+    out: dict[str, Any] = {"select": "last", "best_step": None}
+    if run.ds.x_val is not None:
+        out.update(evaluate(run, params, split="val"))
+    if best.enabled and best.step is not None:
+        params = best.load(params)
+        out.update({"select": "best_val", "best_step": best.step})
+        out.update(evaluate(run, params, split="val"))  # of the selected parameters
+    max_test = setting(cfg, "train.test_max_examples", 0)
+    out.update(evaluate(run, params, split="test", max_examples=max_test))
+    corrupted = {}
+    for name, severity in data_lib.parse_corruptions(setting(cfg, "data.eval_corruptions", "")):
+        ds_c = data_lib.corrupted_test(run.ds, name, severity, max_test)
+        corrupted[f"{name}:{severity}"] = evaluate(run, params, split="test", ds=ds_c)["test_accuracy"]
+    if corrupted:
+        out["test_corrupted"] = corrupted
+    n_train = setting(cfg, "train.train_eval_size", 0)
+    if n_train:
+        out.update(evaluate(run, params, split="train", max_examples=n_train))
+    if setting(cfg, "train.profile", False):
+        out["profile_init"] = profile(run, run.init_fn()["params"])
+        out["profile_final"] = profile(run, params)
+    model = nnx.merge(run.graphdef, params)
+    gains_LxTwoxD = np.asarray(model.transformer.ln_gains(), np.float64)
+    out["ln_gain_neg_frac"] = np.mean(gains_LxTwoxD < 0, axis=2).round(4).tolist()  # [L, (ln1, ln2)]
+    return out
+
+
+def profile(run: _Run, params) -> dict:
+    """Per-layer smoothing of held-out data in evaluation mode: every `metrics.FULL_LAYER_STAT_KEYS`
+    statistic ([L + 1], the stack's input first) on one batch of the validation split (else the test
+    split)."""
+    x, _, n = next(data_lib.eval_batches(run.ds, run.config.data.eval_batch_size, seq_len=run.batcher.seq_len,
+                                         split=run.eval_split))  # fmt: skip
+    stats = _profile_fn(run.graphdef)(params, jnp.asarray(x[:n]))
+    return {
+        k: [float(v_in), *np.asarray(v_L, np.float64).round(6).tolist()] for k, (v_in, v_L) in stats.items()
+    }
+
+
+@functools.cache
+def _profile_fn(graphdef):
+    @jax.jit
+    def fn(params, x):
+        model = nnx.merge(graphdef, params)
+        _, aux = model(x, return_stats=True, full_stats=True)
+        return {k: (aux["input"][k], aux[k]) for k in aux["input"]}
+
+    return fn
+
+
+def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals, best: BestParams):
     """Steps start+1 .. stop_at; returns (state, steps/s measured between the first and last log)."""
     t = run.config.train
     pending: tuple[int, dict] | None = None  # (step, device metrics) dispatched but not yet logged
@@ -857,11 +1024,14 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals)
             pending = (step, metrics)
         progress.update(step)
         stopping = signals["signum"] is not None or step == stop_at
-        if step % t.eval_every == 0 and step != total:
+        if step % t.eval_every == 0 or (step == total and best.enabled):
             flush()
             check_state(state)
-            ev = evaluate(run, state["params"], t.eval_max_batches)
+            split = run.eval_split
+            # Model selection sees the whole validation split; other periodic evals may be capped.
+            ev = evaluate(run, state["params"], 0 if best.enabled else t.eval_max_batches, split=split)
             log.write({"type": "eval", "step": step, **ev})
+            best.offer(step, selection_score(ev, split), state["params"])
             progress.message(f"step {step}: eval " + " ".join(f"{k} {v:.4g}" for k, v in ev.items()))
         if step % t.checkpoint_every == 0 or step == total or stopping:
             flush()

@@ -65,13 +65,22 @@ class ViT(nnx.Module):
         cls_Bx1xD = jnp.broadcast_to(self.cls[...], (b, 1, tok_BxNxD.shape[-1]))
         return jnp.concatenate([cls_Bx1xD, tok_BxNxD], axis=1) + self.pos[...]
 
-    def __call__(self, images_BxHxWxC, *, dropout_key=None, return_stats=False, return_attention=False):
+    def __call__(
+        self,
+        images_BxHxWxC,
+        *,
+        dropout_key=None,
+        return_stats=False,
+        return_attention=False,
+        full_stats=False,
+    ):
         """Logits [B, classes], or (logits, aux) with per-layer stats/attention (see Transformer)."""
         out = self.transformer(
             self.embed(images_BxHxWxC),
             dropout_key=dropout_key,
             return_stats=return_stats,
             return_attention=return_attention,
+            full_stats=full_stats,
         )
         head = lambda y: y[:, 0, :].astype(jnp.float32) @ self.head_w[...] + self.head_b[...][None, :]
         return _with_aux(out, head)
@@ -96,15 +105,18 @@ class CausalLM(nnx.Module):
     def _head(self, y_BxTxD):
         return y_BxTxD.astype(jnp.float32) @ self.head_w[...] + self.head_b[...][None, None, :]
 
-    def __call__(self, ids_BxT, *, dropout_key=None, return_stats=False, return_attention=False):
+    def __call__(
+        self, ids_BxT, *, dropout_key=None, return_stats=False, return_attention=False, full_stats=False
+    ):
         """Next-token logits [B, T, V] (float32), or (logits, aux)."""
         t = ids_BxT.shape[1]
         if t > self.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
         x_BxTxD = jnp.take(self.tok[...], ids_BxT, axis=0) + self.pos[...][:, :t, :]
         out = self.transformer(
-            x_BxTxD, dropout_key=dropout_key, return_stats=return_stats, return_attention=return_attention
-        )
+            x_BxTxD, dropout_key=dropout_key, return_stats=return_stats, return_attention=return_attention,
+            full_stats=full_stats,
+        )  # fmt: skip
         return _with_aux(out, self._head)
 
     def decode(self, ids_BxT: jnp.ndarray, cache: dict) -> tuple[jnp.ndarray, dict]:

@@ -73,7 +73,7 @@ class Block(nnx.Module):
 
     def __call__(
         self, x_BxTxD, *, mask=None, mask_BxT=None, dropout_key=None, stats=False, attention=False,
-        value_output=None, decode=False,
+        value_output=None, decode=False, full_stats=False,
     ):  # fmt: skip
         """mask: Flax-style boolean attention mask [B, 1, T, S] (or None); mask_BxT: the [B, T] padding
         mask the statistics exclude. value_output: this layer's precomputed (w_v, w_o, b_v, b_o), see
@@ -100,7 +100,7 @@ class Block(nnx.Module):
             x = self.ln2(skip * x + drop(self.mlp(x), keys[2]).astype(x.dtype))
         aux: dict[str, Any] = {}
         if stats:
-            aux.update(metrics.layer_stats(x, mask_BxT))
+            aux.update(metrics.layer_stats(x, mask_BxT, full=full_stats))
         if attention:
             aux["attention"] = jnp.mean(att, axis=0)  # batch-averaged [H, T, S]
         return x, aux
@@ -141,6 +141,7 @@ class Transformer(nnx.Module):
         dropout_key: jax.Array | None = None,
         return_stats: bool = False,
         return_attention: bool = False,
+        full_stats: bool = False,
     ):
         """Returns y_BxTxD, or (y_BxTxD, aux) if return_stats/return_attention.
 
@@ -153,13 +154,14 @@ class Transformer(nnx.Module):
             after each block (keys: `metrics.LAYER_STAT_KEYS`), and aux["input"]["<stat>"]: the same for
             the stack's input, so concatenating gives L + 1 points.
           return_attention: also return aux["attention"]: [L, H, T, T] batch-averaged attention.
+          full_stats: the statistics include `metrics.FULL_LAYER_STAT_KEYS` (an SVD per example and layer).
         """
         c = self.config
         if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != c.d_model:
             raise ValueError(f"input has shape {x_BxTxD.shape}; expected [B, T, D={c.d_model}]")
         graphdef, state = nnx.split(self.blocks)
         keys_L = None if dropout_key is None else jax.random.split(dropout_key, c.depth)
-        want = dict(stats=return_stats, attention=return_attention)
+        want = dict(stats=return_stats, attention=return_attention, full_stats=full_stats)
         mask = None if mask_BxT is None else attn_fn.padding_mask(mask_BxT)
 
         def body(x, xs):
@@ -176,7 +178,7 @@ class Transformer(nnx.Module):
         if not (return_stats or return_attention):
             return x
         if return_stats:
-            aux["input"] = metrics.layer_stats(x_BxTxD, mask_BxT)
+            aux["input"] = metrics.layer_stats(x_BxTxD, mask_BxT, full=full_stats)
         return x, aux
 
     # ---- autoregressive decoding with a KV cache ---------------------------------------------------

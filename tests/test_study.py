@@ -1,0 +1,99 @@
+"""Studies: cells are keyed by their full resolved config (and the study), a quick study runs end to end in
+parallel pinned processes and appends one record per cell, a rerun skips finished cells, the report pairs
+variants with the baseline, and the statistics are right."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import XLA_CACHE_ENV
+
+from jaxsmooth import study
+
+SPECS = Path(__file__).parents[1] / "experiments" / "studies"
+
+
+def test_cell_keys_follow_the_resolved_config_and_the_study():
+    spec = study.load_spec(SPECS / "lr.py", quick=True)
+    cells = [study.resolve(c)[0] for c in study.cells(spec)]
+    assert len(cells) == len(spec["variants"]) * len(spec["grid"]) * len(spec["seeds"])
+    assert len({c.key for c in cells}) == len(cells)  # every cell its own workdir
+    again = [study.resolve(c)[0] for c in study.cells(study.load_spec(SPECS / "lr.py", quick=True))]
+    assert [c.key for c in again] == [c.key for c in cells]  # stable
+    other = dict(spec, name="lr_other")  # the same configs in another study: other keys
+    assert {study.resolve(c)[0].key for c in study.cells(other)}.isdisjoint({c.key for c in cells})
+    changed = dict(spec, overrides={**spec["overrides"], "train.steps": 21})
+    assert {study.resolve(c)[0].key for c in study.cells(changed)}.isdisjoint({c.key for c in cells})
+    # A value equal to the default resolves to the same config, hence the same key.
+    same = dict(
+        spec, overrides={**spec["overrides"], "model.mlp_ratio": spec["overrides"]["model.mlp_ratio"]}
+    )
+    assert [study.resolve(c)[0].key for c in study.cells(same)] == [c.key for c in cells]
+    cmd = cells[0].command("W")
+    assert cmd[:4] == ["jaxsmooth", "train", "--config", "fashion_mnist"] and "--config.train.seed=0" in cmd
+
+
+def test_bad_spec_names_the_problem(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_study(quick):\n    return {'name': 'x', 'config': 'digits', 'variants': {}, "
+                   "'grid': [{}], 'seeds': [0]}\n")  # fmt: skip
+    with pytest.raises(study.StudyError, match="non-empty"):
+        study.load_spec(bad)
+    typo = tmp_path / "typo.py"
+    typo.write_text("def get_study(quick):\n    return {'name': 'x', 'config': 'digits', 'variants': "
+                    "{'a': {'model.depht': 2}}, 'grid': [{}], 'seeds': [0]}\n")  # fmt: skip
+    with pytest.raises(study.StudyError, match="depht"):
+        [study.resolve(c) for c in study.cells(study.load_spec(typo))]
+    with pytest.raises(study.StudyError, match="does not exist"):
+        study.load_spec(tmp_path / "missing.py")
+
+
+def test_statistics():
+    m, s, n = study.mean_std([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3) and s == pytest.approx(1.0)
+    # Paired differences: the CI half-width is t_{0.975, n-1} * sd / sqrt(n).
+    a = {0: 0.90, 1: 0.92, 2: 0.91, 3: 0.93}
+    b = {0: 0.88, 1: 0.91, 2: 0.88, 3: 0.92, 9: 0.5}  # seed 9 has no partner: ignored
+    d, half, k = study.paired_difference(a, b)
+    diffs = np.array([0.02, 0.01, 0.03, 0.01])
+    assert k == 4 and d == pytest.approx(diffs.mean())
+    assert half == pytest.approx(3.182 * diffs.std(ddof=1) / 2, rel=1e-3)
+    assert study.t_quantile_975(1) == pytest.approx(12.706) and study.t_quantile_975(100) == pytest.approx(
+        1.984, abs=2e-3
+    )
+    assert math.isnan(study.paired_difference({0: 1.0}, {0: 0.5})[1])  # one pair: no interval
+
+
+def test_quick_study_runs_skips_finished_cells_and_reports(tmp_path, monkeypatch):
+    for k, v in XLA_CACHE_ENV.items():  # the cells' subprocesses share the test-wide compile cache
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("JAXSMOOTH_CACHE", str(tmp_path / "cache"))
+    spec = study.load_spec(SPECS / "lr.py", quick=True)
+    spec["name"] = "lr_quick"
+    results, root = tmp_path / "results", tmp_path / "runs"
+    lines = []
+    records = study.run(spec, jobs=2, root=root, results_dir=results, say=lines.append)
+    n = len(spec["variants"]) * len(spec["grid"]) * len(spec["seeds"])
+    assert len(records) == n and len({r["key"] for r in records}) == n
+    assert any("ETA" in line for line in lines) and lines[0].startswith(f"study lr_quick: 0 of {n}")
+    rec = records[0]
+    keys = ("command", "seed", "wall_s", "test_accuracy", "val_accuracy", "train_accuracy", "profile_init",
+            "profile_final", "ln_gain_neg_frac", "cos_final_last")  # fmt: skip
+    for key in keys:
+        assert key in rec, key
+    assert rec["command"].startswith("jaxsmooth train --config fashion_mnist")
+    assert len(rec["profile_final"]["effective_rank"]) == spec["overrides"]["model.depth"] + 1
+    # The record file is one JSON object per line.
+    assert len((results / "lr_quick.jsonl").read_text().splitlines()) == n
+    # Rerunning skips every finished cell (nothing is trained again).
+    lines.clear()
+    study.run(spec, jobs=2, root=root, results_dir=results, say=lines.append)
+    assert lines == [f"study lr_quick: {n} of {n} cells done, 0 to run (2 at a time), results in "
+                     f"{results / 'lr_quick.jsonl'}"]  # fmt: skip
+    md = study.report(spec, study.read_records(results / "lr_quick.jsonl"), tmp_path / "report")
+    text = md.read_text()
+    assert "| grid point | baseline | sharpen |" in text and "Δ" in text and "val_accuracy" in text
+    assert (tmp_path / "report" / "lr_quick_val_accuracy.png").is_file()
+    assert json.loads((results / "lr_quick.jsonl").read_text().splitlines()[0])["study"] == "lr_quick"
