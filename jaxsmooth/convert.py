@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -207,30 +208,30 @@ def nearest_spectral(
 
 def _refine(h, theta, psi, spectrum, alpha, steps, lr):
     """Adam on ||H - compose(theta, psi)||^2 / ||H||^2 from the given start; the best iterate is kept."""
+    return _refine_jit(jnp.asarray(h, jnp.float32), (theta, psi), spectrum, float(alpha), steps, float(lr))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _refine_jit(h32, params, spectrum, alpha, steps, lr):
     import optax
 
-    h32 = jnp.asarray(h, jnp.float32)
     den = jnp.maximum(jnp.sum(jnp.square(h32)), 1e-30)
     loss = lambda p: jnp.sum(jnp.square(h32 - spectral.compose(p[0], p[1], spectrum, alpha))) / den
     tx = optax.adam(lr)
 
-    @jax.jit
-    def run(params):
-        def step(carry, _):
-            p, opt, best, best_loss = carry
-            value, grad = jax.value_and_grad(loss)(p)
-            better = value < best_loss
-            best = jax.tree.map(lambda x, y: jnp.where(better, x, y), p, best)
-            best_loss = jnp.where(better, value, best_loss)
-            upd, opt = tx.update(grad, opt, p)
-            return (optax.apply_updates(p, upd), opt, best, best_loss), None
+    def step(carry, _):
+        p, opt, best, best_loss = carry
+        value, grad = jax.value_and_grad(loss)(p)
+        better = value < best_loss
+        best = jax.tree.map(lambda x, y: jnp.where(better, x, y), p, best)
+        best_loss = jnp.where(better, value, best_loss)
+        upd, opt = tx.update(grad, opt, p)
+        return (optax.apply_updates(p, upd), opt, best, best_loss), None
 
-        carry = (params, tx.init(params), params, jnp.asarray(jnp.inf, jnp.float32))
-        (p, _, best, best_loss), _ = jax.lax.scan(step, carry, None, length=steps)
-        last_better = loss(p) < best_loss  # the final iterate was never evaluated inside the scan
-        return jax.tree.map(lambda x, y: jnp.where(last_better, x, y), p, best)
-
-    return run((theta, psi))
+    carry = (params, tx.init(params), params, jnp.asarray(jnp.inf, jnp.float32))
+    (p, _, best, best_loss), _ = jax.lax.scan(step, carry, None, length=steps)
+    last_better = loss(p) < best_loss  # the final iterate was never evaluated inside the scan
+    return jax.tree.map(lambda x, y: jnp.where(last_better, x, y), p, best)
 
 
 # ------------------------------------------------------------------------------------------- layers
