@@ -200,6 +200,8 @@ def train(quick: bool, *, steps: int, **overrides: Any) -> ml_collections.Config
     c.max_to_keep = 3  # checkpoints kept (>= 2 lets a corrupt latest one fall back)
     c.seed = 0  # parameter init and dropout
     c.num_devices = 0  # data-parallel devices (0 = all)
+    c.model_parallel = 1  # devices along the mesh's "model" axis (> 1: a 2-D ("data", "model") mesh)
+    c.param_sharding = "replicated"  # replicated / tensor_parallel / fsdp / fsdp_tp (parallel.RULES)
     return _override(c, overrides, "train")
 
 

@@ -516,10 +516,10 @@ def train(
 def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     """Data, mesh, model, optimiser and the initial state (placed on the mesh)."""
     d, t = config.data, config.train
-    mesh = parallel.make_mesh(t.num_devices)
+    # Parameter sharding (jaxsmooth.parallel.RULES); fields absent from older configs mean replicated.
+    mesh = parallel.make_mesh(t.num_devices, t.get("model_parallel", 1))
     parallel.check_batch_size(d.batch_size, mesh)
     parallel.check_batch_size(d.eval_batch_size, mesh, "data.eval_batch_size")
-    replicated = parallel.replicated(mesh)
     ds = data_lib.prepare(data_lib.load(d.name, **d.kwargs.to_dict()), d.train_fraction, d.seed)
     if ds.kind == "image" and (ds.image_shape[0] % d.patch_size or ds.image_shape[1] % d.patch_size):
         raise ValueError(f"data.patch_size={d.patch_size} must divide the image shape {ds.image_shape}")
@@ -542,15 +542,17 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
             "bad_step": jnp.full((), -1, jnp.int32),
         }
 
-    # Under jit: no eager per-layer ops, and the state is born replicated on the mesh.
-    state = jax.jit(init, out_shardings=replicated)()
+    # Under jit: no eager per-layer ops, and the state is born on the mesh, placed as the rules say.
+    shardings = parallel.state_shardings(mesh, t.get("param_sharding", "replicated"), abs_params,
+                                         jax.eval_shape(init), tx)  # fmt: skip
+    state = jax.jit(init, out_shardings=shardings)()
 
     kw = dict(dropout=mcfg.dropout > 0, spectral=mcfg.spectrum is not None)
     jitted = {
-        "step": jax.jit(make_train_step(graphdef, tx, schedule, with_stats=False, **kw), donate_argnums=0),
-        "stats_step": jax.jit(
-            make_train_step(graphdef, tx, schedule, with_stats=True, **kw), donate_argnums=0
-        ),
+        "step": jax.jit(make_train_step(graphdef, tx, schedule, with_stats=False, **kw), donate_argnums=0,
+                        out_shardings=(shardings, None)),
+        "stats_step": jax.jit(make_train_step(graphdef, tx, schedule, with_stats=True, **kw),
+                              donate_argnums=0, out_shardings=(shardings, None)),
         "eval": jax.jit(make_eval_step(graphdef)),
     }
     # Compile ahead of time, the three programs at once: XLA releases the GIL, so on a multi-core host
