@@ -440,11 +440,13 @@ def convert_model(
         raise ValueError("value_bias=True keeps the source's value / output biases, but its vo_bias=False")
     alpha = cfg.alpha_beta[0]
     h_LxDxD = np.asarray(stack.effective_h(), np.float64)
-    maps_LxHxDxD = np.asarray(stack._per_layer(lambda b: b.attn.head_maps()), np.float64)
-    src_vo = stack._per_layer(lambda b: b.attn.value_output())
+    graphdef_l, state_l = nnx.split(stack.blocks)  # the [L]-stacked blocks, one layer per slice
+    per_layer = lambda fn: jax.vmap(lambda s: fn(nnx.merge(graphdef_l, s).attn))(state_l)
+    maps_LxHxDxD = np.asarray(per_layer(lambda a: a.head_maps()), np.float64)
+    src_vo = per_layer(lambda a: a.value_output())
     new_model = _rebuild(model, dataclasses.replace(cfg, spectrum=spectrum, vo_bias=value_bias))
 
-    per_layer, layers_info = [], []
+    new_layers, layers_info = [], []
     for i in range(cfg.depth):
         theta, psi, info = nearest_spectral(
             h_LxDxD[i], spectrum, alpha, head_maps=maps_LxHxDxD[i], assign=assign,
@@ -458,7 +460,7 @@ def convert_model(
             new["theta"] = theta
         else:
             new.update(theta=theta["u"], theta_w=theta["w"], theta_s=theta["s"])
-        per_layer.append(new)
+        new_layers.append(new)
         layers_info.append(info)
 
     def is_value_var(path):
@@ -471,7 +473,7 @@ def convert_model(
         path = tuple(path)
         want = var.get_value()
         if is_value_var(path):
-            value = np.stack([np.asarray(layer[path[-1]]) for layer in per_layer])
+            value = np.stack([np.asarray(layer[path[-1]]) for layer in new_layers])
             replaced.append("/".join(map(str, path)))
         elif path in src_flat:
             value = src_flat[path].get_value()
