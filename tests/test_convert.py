@@ -172,6 +172,10 @@ def test_converted_layer_attends_like_its_source(kind, value_bias):
 def test_converting_a_layer_inside_the_constraint_changes_nothing_thanks_to_head_assignment():
     spec = Spectrum("smooth")
     src = SpectralAttention(4, 16, spectrum=spec, rngs=nnx.Rngs(0))
+    # Distinct eigenvalues (gaps of 0.06), in a random order over the heads: each eigenvector, hence
+    # each head's map, is then determined by H.
+    lam = np.random.default_rng(4).permutation(np.linspace(0.05, 0.95, 16))
+    src.psi[...] = spectral.eigenvalues_inverse(jnp.asarray(lam, jnp.float32), spec)
     x = jax.random.normal(jax.random.key(1), (2, 6, 16))
     same, info = convert.from_attention(src, spec, rngs=nnx.Rngs(5), return_info=True)
     assert info["rel_error"] < 1e-6 and info["head_rel_error"] < 1e-5
@@ -238,7 +242,7 @@ def test_whole_model_conversion_keeps_every_other_parameter(cfg, spectrum):
 
 
 def test_converting_a_spectral_model_to_its_own_constraint_keeps_its_outputs():
-    spec = Spectrum("neutral", lo=-2.0, hi=2.0)
+    spec = Spectrum("neutral", lo=-2.0, hi=2.0, init="uniform")  # distinct eigenvalues (see above)
     lm = CausalLM(ModelConfig(depth=2, d_model=16, num_heads=4, spectrum=spec), 11, 8, rngs=nnx.Rngs(3))
     same, info = convert.convert_model(lm, spec)
     assert max(layer["rel_error"] for layer in info["layers"]) < 1e-5
