@@ -790,10 +790,10 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
 def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     """Data, mesh, model, optimiser and the initial state (placed on the mesh)."""
     d, t = config.data, config.train
-    mesh = parallel.make_mesh(t.num_devices)
+    # Parameter sharding (jaxsmooth.parallel.RULES); fields absent from older configs mean replicated.
+    mesh = parallel.make_mesh(t.num_devices, t.get("model_parallel", 1))
     parallel.check_batch_size(d.batch_size, mesh)
     parallel.check_batch_size(d.eval_batch_size, mesh, "data.eval_batch_size")
-    replicated = parallel.replicated(mesh)
     val_size, corrupt = setting(config, "data.val_size", 0), setting(config, "data.corrupt_train", None)
     loaded = data_lib.load(d.name, **d.kwargs.to_dict())
     ds = data_lib.prepare(loaded, d.train_fraction, d.seed, val_size=val_size, corrupt_train=corrupt)
@@ -818,16 +818,18 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
             "bad_step": jnp.full((), -1, jnp.int32),
         }
 
-    # Under jit: no eager per-layer ops, and the state is born replicated on the mesh.
-    init_fn = jax.jit(init, out_shardings=replicated)
+    # Under jit: no eager per-layer ops, and the state is born on the mesh, placed as the rules say.
+    shardings = parallel.state_shardings(mesh, t.get("param_sharding", "replicated"), abs_params,
+                                         jax.eval_shape(init), tx)  # fmt: skip
+    init_fn = jax.jit(init, out_shardings=shardings)
     state = init_fn()
 
     kw = dict(dropout=mcfg.dropout > 0, spectral=mcfg.spectrum is not None)
     jitted = {
-        "step": jax.jit(make_train_step(graphdef, tx, schedule, with_stats=False, **kw), donate_argnums=0),
-        "stats_step": jax.jit(
-            make_train_step(graphdef, tx, schedule, with_stats=True, **kw), donate_argnums=0
-        ),
+        "step": jax.jit(make_train_step(graphdef, tx, schedule, with_stats=False, **kw), donate_argnums=0,
+                        out_shardings=(shardings, None)),
+        "stats_step": jax.jit(make_train_step(graphdef, tx, schedule, with_stats=True, **kw),
+                              donate_argnums=0, out_shardings=(shardings, None)),
         "eval": jax.jit(make_eval_step(graphdef)),
     }
     # Compile ahead of time, the three programs at once: XLA releases the GIL, so on a multi-core host

@@ -30,7 +30,8 @@ def image_scale(steps: int, quick: bool) -> dict:
     if quick:
         return {
             "model.d_model": 16, "model.num_heads": 2, "model.mlp_ratio": 2.0,
-            "data.kwargs.pad_to": 32, "data.patch_size": 8, "data.batch_size": 16, "data.train_fraction": 0.02,
+            "data.kwargs.pad_to": 32, "data.patch_size": 8, "data.batch_size": 16,
+            "data.train_fraction": 0.02,
             "data.val_size": 200, "data.eval_batch_size": 200, "train.steps": steps, "train.log_every": 5,
             "train.stats_every": steps, "train.eval_every": steps, "train.checkpoint_every": steps,
             "train.eval_max_batches": 0, "train.select": "best_val", "train.train_eval_size": 200,

@@ -23,8 +23,10 @@ def get_study(quick: bool = False) -> dict:
         "data.seq_len": 32 if quick else 128, "data.batch_size": 16 if quick else 32,
         "data.val_size": 20000 if quick else 200000, "data.train_fraction": 0.05 if quick else 1.0,
         "train.steps": steps, "train.log_every": 5 if quick else 50,
-        "train.stats_every": steps if quick else steps // 5, "train.eval_every": steps if quick else steps // 5,
-        "train.checkpoint_every": steps if quick else steps // 5, "train.eval_max_batches": 8 if quick else 40,
+        "train.stats_every": steps if quick else steps // 5,
+        "train.eval_every": steps if quick else steps // 5,
+        "train.checkpoint_every": steps if quick else steps // 5,
+        "train.eval_max_batches": 8 if quick else 40,
         "train.select": "best_val", "train.profile": True, "opt.warmup_steps": 2 if quick else 100,
         "train.test_max_examples": 64 if quick else 0,
     }  # fmt: skip
