@@ -826,10 +826,16 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
 
     kw = dict(dropout=mcfg.dropout > 0, spectral=mcfg.spectrum is not None)
     jitted = {
-        "step": jax.jit(make_train_step(graphdef, tx, schedule, with_stats=False, **kw), donate_argnums=0,
-                        out_shardings=(shardings, None)),
-        "stats_step": jax.jit(make_train_step(graphdef, tx, schedule, with_stats=True, **kw),
-                              donate_argnums=0, out_shardings=(shardings, None)),
+        "step": jax.jit(
+            make_train_step(graphdef, tx, schedule, with_stats=False, **kw),
+            donate_argnums=0,
+            out_shardings=(shardings, None),
+        ),
+        "stats_step": jax.jit(
+            make_train_step(graphdef, tx, schedule, with_stats=True, **kw),
+            donate_argnums=0,
+            out_shardings=(shardings, None),
+        ),
         "eval": jax.jit(make_eval_step(graphdef)),
     }
     # Compile ahead of time, the three programs at once: XLA releases the GIL, so on a multi-core host

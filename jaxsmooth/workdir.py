@@ -47,6 +47,8 @@ RESUMABLE_CHANGES = {
     "train.checkpoint_every": "checkpoints",
     "train.max_to_keep": "checkpoints",
     "train.num_devices": "data-parallel devices (the global batch is the same; see README: resuming)",
+    "train.model_parallel": "devices along the mesh's model axis (the same computation, placed otherwise)",
+    "train.param_sharding": "where parameters live (the same computation, placed otherwise)",
     "data.eval_batch_size": "evaluation batches (padded and masked)",
     "data.eval_corruptions": "which corrupted test sets the final evaluation adds",
     "train.select": "which parameters the final test uses (the trajectory is the same)",
