@@ -208,6 +208,7 @@ def train(quick: bool, *, steps: int, **overrides: Any) -> ml_collections.Config
     c.test_max_examples = 0  # test items in the final evaluation (0 = all)
     c.profile = False  # per-layer smoothing profile (eval mode, held-out data) at init and at the end
     c.on_nonfinite = "stop"  # stop (an error) | record (summary.json marks the run as diverged)
+    c.tensorboard = True  # also write TensorBoard event files to DIR/tensorboard (when tensorboardX is there)
     c.model_parallel = 1  # devices along the mesh's "model" axis (> 1: a 2-D ("data", "model") mesh)
     c.param_sharding = "replicated"  # replicated / tensor_parallel / fsdp / fsdp_tp (parallel.RULES)
     return _override(c, overrides, "train")

@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsmooth import checkpoint, optim, parallel, runtime, theory
+from jaxsmooth import checkpoint, optim, parallel, runtime, tblog, theory
 from jaxsmooth import data as data_lib
 from jaxsmooth import workdir as wd
 from jaxsmooth.checkpoint import Checkpoints, NoUsableCheckpointError
@@ -295,11 +295,11 @@ def make_eval_step(graphdef):
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, at most one "train" and one "eval" record per step.
-    Only process 0 writes."""
+    """metrics.jsonl: one JSON object per line, at most one "train" record and one "eval" record per split
+    ("val", "test", "final") per step. Only process 0 writes."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, tensorboard: tblog.TensorBoard | None = None):
+        self.path, self.enabled, self.tensorboard = path, enabled, tensorboard
         self._seen: set[tuple[str, int]] = set()  # (type, step) of the train/eval records in the file
 
     def truncate_after(self, step: int) -> None:
@@ -308,10 +308,10 @@ class MetricsLog:
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         wd.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._seen = {(r.get("type"), r.get("step")) for r in kept}
+        self._seen = {(r.get("type"), r.get("step"), r.get("split")) for r in kept}
 
     def write(self, record: dict) -> None:
-        key = (record.get("type"), record.get("step"))
+        key = (record.get("type"), record.get("step"), record.get("split"))
         if not self.enabled or (key[0] in ("train", "eval") and key in self._seen):
             return  # e.g. the final eval of a finished run that is rerun unchanged
         self._seen.add(key)
@@ -322,6 +322,11 @@ class MetricsLog:
             if wd.is_disk_full(e):  # a torn last line is dropped by the next start's truncate_after
                 raise wd.disk_full_error(self.path, e) from None
             raise
+        if self.tensorboard is not None:  # the same records, as TensorBoard events
+            if key[0] == "train":
+                self.tensorboard.train_record(record)
+            elif key[0] == "eval":
+                self.tensorboard.eval_record(record)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -686,7 +691,12 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
                     f"{_devices_line(devices)}: it continues from the same state, but its losses will not be "
                     "bit-identical to an uninterrupted run's (README: resuming)"
                 )
-        log = MetricsLog(workdir / "metrics.jsonl", primary)
+        # TensorBoard events (when tensorboardX is installed): events after the restart step are purged.
+        use_tb = primary and setting(config, "train.tensorboard", True)
+        tb = tblog.TensorBoard(
+            workdir / "tensorboard", enabled=use_tb, purge_step=start + 1 if start else None
+        )
+        log = MetricsLog(workdir / "metrics.jsonl", primary, tb)
         log.truncate_after(start)  # records of steps after the checkpoint are re-logged, identically
         best = BestParams(workdir, setting(config, "train.select", "last") == "best_val", primary)
         best.truncate_after(start)
@@ -729,12 +739,14 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         if diverged is None:
             # The final evaluation: test (clean and corrupted) once, on the selected parameters.
             ev = final_evaluation(run, state, best)
-            log.write({"type": "eval", "step": total, **{k: v for k, v in ev.items() if k.endswith(
-                ("_loss", "_accuracy", "_bpc", "_examples"))}})  # fmt: skip
+            scalars = {k: v for k, v in ev.items() if k.endswith(("_loss", "_accuracy", "_bpc", "_examples"))}
+            log.write({"type": "eval", "step": total, "split": "final", **scalars})
         else:
             ev = {"diverged": True, "diverged_detail": diverged, "test_loss": None}
     finally:
         ckpt.close()
+        if "tb" in locals():
+            tb.close()
 
     records = read_metrics(log.path) if primary else []
     stats = [r for r in records if r.get("type") == "train" and "token_cosine" in r]
@@ -779,6 +791,10 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         try:
             plot_curves(records, tmp, title=f"{config.name} ({total} steps)")
             os.replace(tmp, workdir / "curves.png")
+            if use_tb:  # the curves and smoothing heatmaps, as a TensorBoard image
+                tb_img = tblog.TensorBoard(workdir / "tensorboard", enabled=True)
+                tb_img.image("curves", workdir / "curves.png", total)
+                tb_img.close()
         except OSError as e:
             tmp.unlink(missing_ok=True)
             if wd.is_disk_full(e):
@@ -1038,7 +1054,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
             split = run.eval_split
             # Model selection sees the whole validation split; other periodic evals may be capped.
             ev = evaluate(run, state["params"], 0 if best.enabled else t.eval_max_batches, split=split)
-            log.write({"type": "eval", "step": step, **ev})
+            log.write({"type": "eval", "step": step, "split": split, **ev})
             best.offer(step, selection_score(ev, split), state["params"])
             progress.message(f"step {step}: eval " + " ".join(f"{k} {v:.4g}" for k, v in ev.items()))
         if step % t.checkpoint_every == 0 or step == total or stopping:

@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = {
     "train.test_max_examples": "evaluation",
     "train.profile": "evaluation",
     "train.on_nonfinite": "what happens after a divergence",
+    "train.tensorboard": "logging",
     "model.remat": "recomputation: the same values",
     "model.remat_group": "recomputation: the same values",
     "model.scan": "scanned or unrolled layers: the same values",

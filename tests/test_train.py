@@ -122,6 +122,17 @@ def test_exact_resume_is_bit_identical(reference, tmp_path):
     records = train_records(workdir)
     assert [r["step"] for r in records] == list(range(1, N + 1))  # appended, nothing duplicated
     assert logged(records) == logged(reference[2])  # every logged float, bit for bit
+    # TensorBoard (its own reader) sees one continuous run with the same losses, and the layer histograms.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    ea.Reload()
+    losses = {e.step: e.value for e in ea.Scalars("train/loss")}
+    assert sorted(losses) == list(range(1, N + 1))
+    np.testing.assert_allclose([losses[r["step"]] for r in records], [r["loss"] for r in records], rtol=1e-6)
+    assert [e.step for e in ea.Histograms("layers/token_cosine")] == [3, 6]
+    assert {"test/accuracy", "smoothing/token_cosine_last"} <= set(ea.Tags()["scalars"])
+    assert "curves" in ea.Tags()["images"]
 
 
 def test_continue_finished_run_with_more_steps(reference, tmp_path):
@@ -436,3 +447,49 @@ def test_disk_full_mid_run_then_resume(reference, tmp_path, monkeypatch):
         assert logged(train_records(disk / "run")) == logged(reference[2])
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_protocol_validation_selection_final_test_profiles(tmp_path, monkeypatch):
+    """data.val_size carves a validation split; periodic evaluations use it and train.select=best_val keeps
+    the best one's parameters (on disk, across a resume); the test split is evaluated once, at the end,
+    clean and corrupted; the summary has train accuracy, per-layer profiles at init and at the end (every
+    full statistic, L + 1 points) and the LN-gain sign fractions."""
+    monkeypatch.setenv("JAXSMOOTH_CACHE", str(tmp_path / "cache"))
+    over = {"data.val_size": 200, "train.select": "best_val", "train.eval_every": 2,
+            "train.train_eval_size": 100, "train.profile": True, "data.eval_corruptions": "contrast:3",
+            "model.depth": 2}  # fmt: skip
+    workdir = tmp_path / "run"
+    with pytest.raises(train.Interrupted):
+        train.train(tiny(**over), workdir, stop_after=4, verbose=False)
+    best = json.loads((workdir / "best" / "best.json").read_text())
+    summary = train.train(tiny(**over), workdir, verbose=False)
+    evals = [r for r in train.read_metrics(workdir / "metrics.jsonl") if r["type"] == "eval"]
+    periodic = [r for r in evals if r.get("split") != "final"]
+    assert periodic and all("val_accuracy" in r and "test_accuracy" not in r for r in periodic)
+    best_eval = max((r for r in evals if "val_accuracy" in r), key=lambda r: (r["val_accuracy"], -r["step"]))
+    assert summary["best_step"] == best_eval["step"] and summary["select"] == "best_val"
+    assert summary["best_step"] >= best["step"]  # the pre-resume best was kept and compared against
+    assert summary["val_accuracy"] == pytest.approx(best_eval["val_accuracy"])  # the selected parameters
+    assert (
+        summary["test_examples"] == len(data_lib.load_digits().x_test) and 0 <= summary["test_accuracy"] <= 1
+    )
+    final = [r for r in evals if r.get("split") == "final"]
+    assert len(final) == 1 and final[0]["test_accuracy"] == summary["test_accuracy"]
+    assert 0 <= summary["test_corrupted"]["contrast:3"] <= 1 and summary["train_examples"] == 100
+    for when in ("profile_init", "profile_final"):
+        assert set(summary[when]) >= {"token_cosine", "hfc_lfc", "effective_rank", "sv_ratio"}
+        assert all(len(v) == 3 for v in summary[when].values())  # input + 2 layers
+    assert summary["profile_init"] != summary["profile_final"]
+    assert np.asarray(summary["ln_gain_neg_frac"]).shape == (2, 2)
+
+
+def test_divergence_is_recorded_when_asked(tmp_path):
+    """train.on_nonfinite=record (depth-stability studies): a diverging run ends with a summary that says
+    so, instead of an error."""
+    summary = train.train(
+        tiny(**{"opt.lr": 1e30, "train.on_nonfinite": "record"}), tmp_path / "r", verbose=False
+    )
+    assert summary["diverged"] is True and "non-finite" in summary["diverged_detail"]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["diverged"] is True
+    with pytest.raises(train.NonFiniteError):
+        train.train(tiny(**{"opt.lr": 1e30}), tmp_path / "s", verbose=False)
