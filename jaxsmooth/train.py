@@ -22,14 +22,16 @@ The loop dispatches step t before it reads the metrics of step t-1 (nanodo), and
 log steps: the host never waits for the device except to log, evaluate or checkpoint. Non-finite
 loss, gradient norm or parameters are recorded on device in `bad_step`; it is checked at every log
 step and before every checkpoint, so a bad state is never saved and the error names the first bad step.
+
+Around the loop: `jaxsmooth.workdir` (lock, config comparison, atomic metadata), `jaxsmooth.checkpoint`
+(verified saves and restores), `jaxsmooth.runlog` (metrics.jsonl, TensorBoard, progress) and
+`jaxsmooth.evaluation` (splits, best-validation selection, the final evaluation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import signal
 import sys
@@ -47,15 +49,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsmooth import checkpoint, optim, parallel, runtime, tblog, theory
+from jaxsmooth import checkpoint, optim, parallel, runlog, runtime, tblog
 from jaxsmooth import data as data_lib
 from jaxsmooth import workdir as wd
 from jaxsmooth.checkpoint import Checkpoints, NoUsableCheckpointError
 from jaxsmooth.config import ModelConfig
+from jaxsmooth.evaluation import BestParams, evaluate, final_evaluation, put, selection_score, setting
 from jaxsmooth.nnx import CausalLM, ViT
+from jaxsmooth.runlog import read_metrics  # noqa: F401 - re-exported: train.read_metrics is used widely
 
-# Per-layer statistics written to metrics.jsonl at stats steps (a subset of metrics.LAYER_STAT_KEYS).
-LOGGED_LAYER_STATS = ("token_cosine", "hfc_lfc")
 # Side length of the images of each built-in image dataset (before data.kwargs.pad_to), so a patch size
 # that does not divide the image fails before any data is loaded.
 _IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
@@ -129,12 +131,6 @@ def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
             )
     optim.make_schedule(config.opt)  # validates opt.*
     return ModelConfig.from_dict(config.model.to_dict())
-
-
-def setting(config, dotted: str, default: Any) -> Any:
-    """A config field, or `default` for configs written before the field existed."""
-    section, name = dotted.split(".")
-    return config[section].get(name, default)
 
 
 def _check_protocol(config) -> None:
@@ -254,8 +250,8 @@ def make_train_step(graphdef, tx, schedule, *, dropout: bool, with_stats: bool, 
         bad_step = jnp.where((state["bad_step"] < 0) & ~ok, step + 1, state["bad_step"])
         metrics = {"loss": loss, "lr": schedule(step), "grad_norm": grad_norm, "bad_step": bad_step}
         if with_stats:
-            metrics["layers"] = {k: aux[k] for k in LOGGED_LAYER_STATS}  # [L] each
-            metrics["input"] = {k: aux["input"][k] for k in LOGGED_LAYER_STATS}  # scalars
+            metrics["layers"] = {k: aux[k] for k in runlog.LOGGED_LAYER_STATS}  # [L] each
+            metrics["input"] = {k: aux["input"][k] for k in runlog.LOGGED_LAYER_STATS}  # scalars
             # Spectra of the parameters this forward pass used (before the update): of H, and of the
             # effective map the block applies (docs/theory.md), exact where known, else on the host.
             stack = nnx.merge(graphdef, state["params"]).transformer
@@ -266,7 +262,7 @@ def make_train_step(graphdef, tx, schedule, *, dropout: bool, with_stats: bool, 
                 metrics["h_LxDxD"] = stack.effective_h()
             eff_LxD = stack.exact_effective_eigenvalues()
             if eff_LxD is not None:
-                metrics["eff"] = _eff_summary(eff_LxD, jnp)
+                metrics["eff"] = runlog.eff_summary(eff_LxD, jnp)
             else:
                 metrics["m_LxDxD"] = stack.effective_update()
         new_state = dict(state, params=params, opt_state=opt_state, step=step + 1, bad_step=bad_step)
@@ -289,142 +285,6 @@ def make_eval_step(graphdef):
         return loss_sum, correct
 
     return eval_step
-
-
-# ---------------------------------------------------------------------------------------- logging
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, at most one "train" record and one "eval" record per split
-    ("val", "test", "final") per step. Only process 0 writes."""
-
-    def __init__(self, path: Path, enabled: bool, tensorboard: tblog.TensorBoard | None = None):
-        self.path, self.enabled, self.tensorboard = path, enabled, tensorboard
-        self._seen: set[tuple[str, int]] = set()  # (type, step) of the train/eval records in the file
-
-    def truncate_after(self, step: int) -> None:
-        """Keep records with step <= `step` (a resumed run re-logs the later ones identically)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        wd.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._seen = {(r.get("type"), r.get("step"), r.get("split")) for r in kept}
-
-    def write(self, record: dict) -> None:
-        key = (record.get("type"), record.get("step"), record.get("split"))
-        if not self.enabled or (key[0] in ("train", "eval") and key in self._seen):
-            return  # e.g. the final eval of a finished run that is rerun unchanged
-        self._seen.add(key)
-        try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            if wd.is_disk_full(e):  # a torn last line is dropped by the next start's truncate_after
-                raise wd.disk_full_error(self.path, e) from None
-            raise
-        if self.tensorboard is not None:  # the same records, as TensorBoard events
-            if key[0] == "train":
-                self.tensorboard.train_record(record)
-            elif key[0] == "eval":
-                self.tensorboard.eval_record(record)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl (a torn or garbled line, from a killed writer, is skipped)."""
-    records = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _host_record(step: int, m: dict, alpha: float, residual: str = "pre_ln", value_norm: str = "rms") -> dict:
-    """Device metrics of one step -> a JSON-able record (lists of floats for per-layer arrays)."""
-    m = jax.device_get(m)
-    rec = {"type": "train", "step": step, "loss": float(m["loss"]), "lr": float(m["lr"])}
-    rec["grad_norm"] = float(m["grad_norm"])
-    if "layers" in m:
-        for k in LOGGED_LAYER_STATS:
-            rec[k] = np.asarray(m["layers"][k], np.float64).tolist()
-            rec[f"{k}_input"] = float(m["input"][k])
-        if "h_LxDxD" in m:  # baseline: real parts of the complex eigenvalues, and the spectral radius
-            ev_LxD = np.linalg.eigvals(np.asarray(m["h_LxDxD"], np.float64))
-            m["eig_min"], m["eig_max"] = ev_LxD.real.min(axis=1), ev_LxD.real.max(axis=1)
-            rec["eig_abs_max"] = np.abs(ev_LxD).max(axis=1).tolist()
-        rec["eig_min"] = np.asarray(m["eig_min"], np.float64).tolist()
-        rec["eig_max"] = np.asarray(m["eig_max"], np.float64).tolist()
-        rec["eig_alpha"] = alpha  # eigenvalues are of H; the effective update is H / alpha (DeepNorm)
-        if "m_LxDxD" in m:  # effective maps without a closed-form spectrum: complex eigenvalues here
-            eff = [theory.effective_eigenvalues(mm, residual, value_norm=value_norm) for mm in m["m_LxDxD"]]
-            m["eff"] = _eff_summary(np.stack([e.real for e in eff]), np)
-        for k, v in m["eff"].items():
-            rec[f"eff_{k}"] = np.asarray(v, np.float64).tolist()
-    return rec
-
-
-def _wrong_side(rec: dict, mcfg: ModelConfig) -> list[float] | None:
-    mode = None if mcfg.spectrum is None else mcfg.spectrum.mode
-    key = {"sharpen": "eff_pos_frac", "smooth": "eff_neg_frac"}.get(mode)
-    return rec.get(key) if key else None
-
-
-def _eff_summary(re_LxD, xp) -> dict:
-    """Per-layer summary of the effective maps' eigenvalues (real parts) [L, D] (xp: jnp or np): the range
-    and the fractions with negative / positive real part (the wrong side is > 0 for sharpen, < 0 for
-    smooth; docs/theory.md)."""
-    return {"re_min": xp.min(re_LxD, axis=1), "re_max": xp.max(re_LxD, axis=1),
-            "neg_frac": xp.mean((re_LxD < 0).astype(xp.float32), axis=1),
-            "pos_frac": xp.mean((re_LxD > 0).astype(xp.float32), axis=1)}  # fmt: skip
-
-
-class Progress:
-    """tqdm bar with ETA on a terminal; a plain line per log step otherwise (e.g. CI, nohup, pipes)."""
-
-    def __init__(self, start: int, total: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled, None
-        self.t0, self.step0 = 0.0, None
-        if enabled and sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-
-    def log(self, rec: dict) -> None:
-        if not self.enabled:
-            return
-        text = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} |g| {rec['grad_norm']:.3f}"
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            return
-        now = time.perf_counter()
-        if self.step0 is None or rec["step"] <= self.step0:  # rate from the first log on (warm-up excluded)
-            self.step0, self.t0 = rec["step"], now
-        done, dt = rec["step"] - self.step0, now - self.t0
-        rate = done / dt if dt > 0 else 0.0
-        eta = (self.total - rec["step"]) / rate if rate > 0 else float("nan")
-        print(
-            f"step {rec['step']}/{self.total} {text} ({rate:.1f} steps/s, ETA {_fmt_time(eta)})", flush=True
-        )
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else lambda s: print(s, flush=True))(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fmt_time(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # ---------------------------------------------------------------------------------------- workdir
@@ -696,7 +556,7 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         tb = tblog.TensorBoard(
             workdir / "tensorboard", enabled=use_tb, purge_step=start + 1 if start else None
         )
-        log = MetricsLog(workdir / "metrics.jsonl", primary, tb)
+        log = runlog.MetricsLog(workdir / "metrics.jsonl", primary, tb)
         log.truncate_after(start)  # records of steps after the checkpoint are re-logged, identically
         best = BestParams(workdir, setting(config, "train.select", "last") == "best_val", primary)
         best.truncate_after(start)
@@ -719,7 +579,7 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
             log.write({"type": "event", "step": start, "event": "resumed"})
 
         stop_at = total if stop_after is None else min(total, stop_after)
-        progress = Progress(start, total, verbose and primary)
+        progress = runlog.Progress(start, total, verbose and primary)
         diverged = None
         with _stop_signals() as signals:
             try:
@@ -776,7 +636,7 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         **(
             {k: last_stats.get(k) for k in ("eff_re_min", "eff_re_max", "eff_neg_frac")} if last_stats else {}
         ),
-        "eff_wrong_frac": _wrong_side(last_stats, run.mcfg) if last_stats else None,
+        "eff_wrong_frac": runlog.wrong_side(last_stats, run.mcfg) if last_stats else None,
         "num_params": run.num_params,
         "wall_time_s": time.perf_counter() - t_start,
         "steps_per_sec": steps_per_sec,
@@ -874,137 +734,6 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     return run, state
 
 
-def _put(run: _Run, *arrays: np.ndarray):
-    """This process's rows of global [B, ...] arrays -> global arrays sharded over the mesh."""
-    b = arrays[0].shape[0]
-    rows = parallel.local_rows(run.mesh, b)
-    return parallel.put_batch(run.mesh, b, *(a[rows] for a in arrays))
-
-
-def evaluate(
-    run: _Run,
-    params,
-    max_batches: int = 0,
-    *,
-    split: str = "test",
-    ds: data_lib.Dataset | None = None,
-    max_examples: int = 0,
-) -> dict:
-    """A split's loss (and accuracy for images, bits per character for text), keys prefixed by the split
-    ("test_loss", "val_accuracy", ...). ds: another dataset to take the split from (a corrupted test set)."""
-    loss_sum, correct, n = 0.0, 0, 0
-    batch_size, seq_len = run.config.data.eval_batch_size, run.batcher.seq_len
-    batches = data_lib.eval_batches(ds or run.ds, batch_size, seq_len, split=split, max_examples=max_examples)
-    for i, (x, y, n_valid) in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        ls, c = run.eval_step(params, *_put(run, x, y), jnp.int32(n_valid))
-        loss_sum, correct, n = loss_sum + float(ls), correct + int(c), n + n_valid
-    out = {f"{split}_loss": loss_sum / n, f"{split}_examples": n}
-    if run.ds.kind == "text":
-        out[f"{split}_bpc"] = out[f"{split}_loss"] / math.log(2)  # nats per character -> bits per character
-    else:
-        out[f"{split}_accuracy"] = correct / n
-    return out
-
-
-def selection_score(ev: dict, split: str) -> float:
-    """Higher is better: accuracy for images, minus the loss for text."""
-    acc = ev.get(f"{split}_accuracy")
-    return acc if acc is not None else -ev[f"{split}_loss"]
-
-
-class BestParams:
-    """train.select=best_val: the parameters of the best validation evaluation so far, kept in the workdir
-    (best/params.npz + best/best.json, written atomically), so a resumed run keeps selecting correctly."""
-
-    def __init__(self, workdir: Path, enabled: bool, primary: bool):
-        self.dir, self.enabled, self.primary = workdir / "best", enabled, primary
-        self.step, self.score = None, -math.inf
-        if enabled and (self.dir / "best.json").is_file():
-            info = wd.read_json(self.dir / "best.json")
-            self.step, self.score = info["step"], info["score"]
-
-    def truncate_after(self, step: int) -> None:
-        """Forget a best found after `step` (a resumed run re-evaluates those steps identically)."""
-        if self.step is not None and self.step > step:
-            self.step, self.score = None, -math.inf
-
-    def offer(self, step: int, score: float, params) -> None:
-        if not self.enabled or score <= self.score:
-            return
-        self.step, self.score = step, score
-        if self.primary:
-            flat = {
-                jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
-            }
-            self.dir.mkdir(exist_ok=True)
-            tmp = self.dir / f"params.{os.getpid()}.tmp.npz"
-            np.savez(tmp, **flat)
-            os.replace(tmp, self.dir / "params.npz")
-            wd.atomic_write_json(self.dir / "best.json", {"step": step, "score": score})
-
-    def load(self, like):
-        """The saved parameters, shaped like `like` (the current parameters)."""
-        with np.load(self.dir / "params.npz") as f:
-            leaves = [f[jax.tree_util.keystr(k)] for k, _ in jax.tree_util.tree_leaves_with_path(like)]
-        return jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a) for a in leaves])
-
-
-def final_evaluation(run: _Run, state, best: BestParams) -> dict:
-    """What the summary reports once training is done: the test split (clean and corrupted) on the
-    selected parameters, the validation and training splits, per-layer profiles and LN-gain signs."""
-    cfg, params = run.config, state["params"]
-    out: dict[str, Any] = {"select": "last", "best_step": None}
-    if run.ds.x_val is not None:
-        out.update(evaluate(run, params, split="val"))
-    if best.enabled and best.step is not None:
-        params = best.load(params)
-        out.update({"select": "best_val", "best_step": best.step})
-        out.update(evaluate(run, params, split="val"))  # of the selected parameters
-    max_test = setting(cfg, "train.test_max_examples", 0)
-    out.update(evaluate(run, params, split="test", max_examples=max_test))
-    corrupted = {}
-    for name, severity in data_lib.parse_corruptions(setting(cfg, "data.eval_corruptions", "")):
-        ds_c = data_lib.corrupted_test(run.ds, name, severity, max_test)
-        corrupted[f"{name}:{severity}"] = evaluate(run, params, split="test", ds=ds_c)["test_accuracy"]
-    if corrupted:
-        out["test_corrupted"] = corrupted
-    n_train = setting(cfg, "train.train_eval_size", 0)
-    if n_train:
-        out.update(evaluate(run, params, split="train", max_examples=n_train))
-    if setting(cfg, "train.profile", False):
-        out["profile_init"] = profile(run, run.init_fn()["params"])
-        out["profile_final"] = profile(run, params)
-    model = nnx.merge(run.graphdef, params)
-    gains_LxTwoxD = np.asarray(model.transformer.ln_gains(), np.float64)
-    out["ln_gain_neg_frac"] = np.mean(gains_LxTwoxD < 0, axis=2).round(4).tolist()  # [L, (ln1, ln2)]
-    return out
-
-
-def profile(run: _Run, params) -> dict:
-    """Per-layer smoothing of held-out data in evaluation mode: every `metrics.FULL_LAYER_STAT_KEYS`
-    statistic ([L + 1], the stack's input first) on one batch of the validation split (else the test
-    split)."""
-    x, _, n = next(data_lib.eval_batches(run.ds, run.config.data.eval_batch_size, seq_len=run.batcher.seq_len,
-                                         split=run.eval_split))  # fmt: skip
-    stats = _profile_fn(run.graphdef)(params, jnp.asarray(x[:n]))
-    return {
-        k: [float(v_in), *np.asarray(v_L, np.float64).round(6).tolist()] for k, (v_in, v_L) in stats.items()
-    }
-
-
-@functools.cache
-def _profile_fn(graphdef):
-    @jax.jit
-    def fn(params, x):
-        model = nnx.merge(graphdef, params)
-        _, aux = model(x, return_stats=True, full_stats=True)
-        return {k: (aux["input"][k], aux[k]) for k in aux["input"]}
-
-    return fn
-
-
 def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals, best: BestParams):
     """Steps start+1 .. stop_at; returns (state, steps/s measured between the first and last log)."""
     t = run.config.train
@@ -1025,7 +754,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
                 f"non-finite loss, gradient or parameters at step {bad} (loss at step {step}: "
                 f"{float(m['loss'])}); stopped. {_last(ckpt)}"
             )
-        rec = _host_record(step, m, run.mcfg.alpha_beta[0], run.mcfg.residual, run.mcfg.value_norm)
+        rec = runlog.host_record(step, m, run.mcfg.alpha_beta[0], run.mcfg.residual, run.mcfg.value_norm)
         last = (step, time.perf_counter())
         first = first or last
         rec["time"] = time.time()  # wall clock (unix seconds)
@@ -1040,7 +769,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
             )
 
     for step in range(start + 1, stop_at + 1):  # `step` = updates done once this iteration's step ran
-        x, y = _put(run, *run.batcher.batch(step - 1))
+        x, y = put(run, *run.batcher.batch(step - 1))
         with_stats = step % t.stats_every == 0 or step == total
         state, metrics = run.steps[with_stats](state, x, y)  # dispatch step t ...
         flush()  # ... then read step t-1's metrics (if it was a log step)

@@ -97,7 +97,7 @@ def test_reference_run_outputs(reference):
 def test_one_step_and_checkpoint_round_trip(tmp_path):
     config = tiny()
     run, state = train._setup(config, train.check_config(config), tmp_path, True)
-    x, y = train._put(run, *run.batcher.batch(0))
+    x, y = train.put(run, *run.batcher.batch(0))
     state, metrics = run.steps[False](state, x, y)
     assert int(state["step"]) == 1 and np.isfinite(float(metrics["loss"]))
     ckpt = Checkpoints(tmp_path, 3)
