@@ -34,7 +34,7 @@ Value / output biases add b_V W_O + b_O to every token (attention rows sum to 1)
 constraint. `value_bias=True` keeps it exactly (b_V := 0, b_O := b_V W_O + b_O); False drops it, and
 `info["dc_norm"]` reports the norm of what was dropped.
 
-`main(argv)` is the command line (`python -m jaxsmooth.convert SRC OUT --mode sharpen`, see `USAGE`).
+`main(argv)` is the command line (`jaxsmooth convert SRC OUT --mode sharpen`, see `USAGE`).
 """
 
 from __future__ import annotations
@@ -551,7 +551,7 @@ def convert_bert(
 
 # ------------------------------------------------------------------------------------------- command line
 
-USAGE = """usage: python -m jaxsmooth.convert SRC OUT --mode MODE [options]
+USAGE = """usage: jaxsmooth convert SRC OUT --mode MODE [options]
 
 Convert every attention layer of SRC to spectral attention (the nearest H = W_V W_O in the constraint) and
 write the converted model to OUT, which `jaxsmooth audit OUT` reads.
@@ -572,7 +572,7 @@ write the converted model to OUT, which `jaxsmooth audit OUT` reads.
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxsmooth.convert", add_help=False)
+    p = argparse.ArgumentParser(prog="jaxsmooth convert", add_help=False)
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--mode", required=True, choices=("sharpen", "smooth", "neutral", "free"))
