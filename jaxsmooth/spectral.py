@@ -114,8 +114,9 @@ def psi_unit(spectrum: Spectrum, d: int) -> float:
 def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> jnp.ndarray:
     """lambda_D of H from the free vector psi_D; inside spectrum.closed_interval(alpha) for any finite psi.
 
-    With p = c psi (c = `psi_unit`):
-    clip:   sharpen -p^2, smooth +p^2 (the paper's "minus"/"plus"), neutral p; clipped to [a, b].
+    With p = c psi (c = `psi_unit`) and [a, b] = `Spectrum.closed_interval(alpha)`:
+    clip:   sharpen b - p^2, smooth a + p^2 (the paper's "minus"/"plus", offset by the margin that keeps
+            0 excluded), clipped at the far end; neutral p, clipped to [a, b].
     smooth: alpha (lo + (hi - lo) sigmoid(p)); also clipped, since sigmoid saturates to 0/1 in float32.
     free:   p itself (eigen-parameterised but unconstrained).
 
@@ -138,7 +139,10 @@ def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> j
         # 2 psi, multiplied by the clip's zero derivative) finite for psi up to float32 max.
         r = 2.0 * math.sqrt(max(abs(a), abs(b))) + 1.0
         sq = jnp.square(jnp.clip(psi, -r, r))
-        raw = -sq if spectrum.mode == "sharpen" else sq
+        # The open end (0) is approached by the square itself, offset to the margin, not clipped: a
+        # clipped eigenvalue has no gradient, and near 0 one stayed there for good (weight decay pulls
+        # psi towards 0); here the gradient 2 psi vanishes only at psi = 0 exactly.
+        raw = b - sq if spectrum.mode == "sharpen" else a + sq
     else:  # neutral
         raw = psi
     return jnp.clip(raw, a, b)
@@ -157,7 +161,7 @@ def eigenvalues_inverse(lam_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1
         p = jnp.clip(p, 1e-6, 1 - 1e-6)
         return (jnp.log(p) - jnp.log1p(-p)) / unit
     if spectrum.mode in ("sharpen", "smooth"):
-        return jnp.sqrt(jnp.abs(lam)) / unit
+        return jnp.sqrt(jnp.abs(lam - (b if spectrum.mode == "sharpen" else a))) / unit
     return lam / unit
 
 

@@ -216,3 +216,16 @@ def test_spectrum_defaults_are_exposed_and_hashable():
         spectral.value_projection(jnp.zeros((4, 4)), jnp.zeros(5), Spectrum())
     with pytest.raises(ValueError, match="dict"):
         spectral.value_projection(jnp.zeros((4, 4)), jnp.zeros(4), Spectrum(basis="general"))
+
+
+@pytest.mark.parametrize("mode", ["sharpen", "smooth"])
+def test_eigenvalues_near_the_open_end_keep_their_gradient(mode):
+    """The open end (0) is approached by the square, not clipped: an eigenvalue next to it still gets a
+    gradient (clipped, it would stay there for good, as weight decay pulls psi towards 0)."""
+    spectrum = Spectrum(mode)
+    psi = jnp.asarray([1e-6, 1e-4, -1e-3, 0.05], jnp.float32)
+    lam = np.asarray(spectral.eigenvalues(psi, spectrum))
+    a, b = spectrum.closed_interval()
+    assert np.all((lam >= a) & (lam <= b))
+    g = np.asarray(jax.grad(lambda p: jnp.sum(spectral.eigenvalues(p, spectrum)))(psi))
+    assert np.all(g != 0) and np.all(np.sign(g) == np.sign(np.asarray(psi)) * (1 if mode == "smooth" else -1))
