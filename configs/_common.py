@@ -143,6 +143,7 @@ def model(
     c.vo_bias = False  # biases on the V and O projections (a DC term outside the spectral constraint)
     c.branch_scale = "none"  # none | attnscale | featscale (Wang et al. 2022 baselines)
     c.ln_eps = 1e-6  # LayerNorm epsilon
+    c.ln_lr = "depth"  # deepnorm: the blocks' LayerNorms learn at lr / (2 depth) (none: at lr)
     return _override(c, overrides, "model")
 
 

@@ -19,6 +19,7 @@ PARAM_SCALES = ("width", "unit")
 RESIDUALS = ("pre_ln", "post_ln", "deepnorm")
 LN_GAINS = ("free", "positive")
 VALUE_NORMS = ("rms", "ln")
+LN_LRS = ("depth", "none")
 REMATS = ("none", "full", "nested")
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHS = ("encoder", "decoder", "encoder_decoder")
@@ -194,6 +195,13 @@ class ModelConfig:
     vo_bias: bool = False
     branch_scale: Literal["none", "attnscale", "featscale"] = "none"  # Wang et al. 2022 baselines
     ln_eps: float = 1e-6
+    # DeepNorm only: how fast the blocks' LayerNorm gains and biases learn. All 2L LayerNorms sit on the
+    # main path (x_{l+1} = LN(alpha x_l + G(x_l))), so their changes are not damped by alpha and beta like
+    # the branch matrices': with Adam (~lr per parameter per step) they moved a 1000-layer stack's output
+    # by ~2L lr per step and collapsed it to an input-independent output within ~120 steps at lr 1e-3
+    # (experiments/results/deep/README.md). "depth": their updates are scaled by 1 / (2L), bounding that
+    # change by O(lr) as DeepNet's beta does for the matrices; "none": the optimiser's lr, unscaled.
+    ln_lr: Literal["depth", "none"] = "depth"
     # Projections and MLP use `jaxsmooth.attention.dense`, whose backward pass is laid out for XLA:CPU
     # (same values as autodiff, ~6% faster ViT-Tiny step). It is reverse-mode only: set False to use
     # forward-mode autodiff (jax.jvp, jax.jacfwd) through the model.
@@ -230,6 +238,7 @@ class ModelConfig:
             raise ValueError(f"model.fast_backward={self.fast_backward!r} must be True or False")
         if not self.ln_eps > 0:
             raise ValueError(f"model.ln_eps={self.ln_eps} must be > 0")
+        _check_choice("model.ln_lr", self.ln_lr, LN_LRS)
 
     @property
     def head_dim(self) -> int:
@@ -245,6 +254,14 @@ class ModelConfig:
         if self.residual != "deepnorm":
             return 1.0, 1.0
         return deepnorm(self.deepnorm_arch, self.depth)
+
+    @property
+    def ln_lr_scale(self) -> float:
+        """Factor on the learning rate of the blocks' LayerNorm gains and biases: 1 / (2 depth) for
+        residual="deepnorm" with ln_lr="depth" (see the field), else 1."""
+        if self.residual != "deepnorm" or self.ln_lr == "none":
+            return 1.0
+        return 1.0 / (2 * self.depth)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:

@@ -1,7 +1,12 @@
 """The optimiser: one function of `config.opt`.
 
     tx = chain(clip_by_global_norm(clip_norm),
-               adamw(schedule, b1, b2, eps, weight_decay, mask=<precomputed bool tree>))
+               adamw(schedule, b1, b2, eps, weight_decay, mask=<precomputed bool tree>),
+               [scale each update by its variable's `lr_scale` metadata, where any variable has one])
+
+Per-variable learning-rate factors come from the model: a variable created with `lr_scale=f` metadata has
+its update (Adam step and decay alike) multiplied by f. DeepNorm stacks give their main-path LayerNorm gains
+and biases f = 1 / (2 depth), which keeps a 1000-layer stack from collapsing (`ModelConfig.ln_lr`).
 
 Weight decay is decoupled (AdamW: p <- p - lr * (adam_update + wd * p)) and applies to *matrices*: the
 parameters whose logical rank is 2 (their sharding names without the stacked "layers" axis; the array's
@@ -31,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -93,7 +99,7 @@ def make_optimizer(opt: Mapping[str, Any], params: nnx.State) -> optax.GradientT
     transformation acts on `nnx.to_pure_dict(params)`-shaped trees.
     """
     _check_opt(opt)
-    return optax.chain(
+    stages = [
         optax.clip_by_global_norm(float(opt["clip_norm"])),
         optax.adamw(
             make_schedule(opt),
@@ -103,7 +109,28 @@ def make_optimizer(opt: Mapping[str, Any], params: nnx.State) -> optax.GradientT
             weight_decay=float(opt["weight_decay"]),
             mask=weight_decay_mask(params),
         ),
-    )
+    ]
+    scales = lr_scales(params)
+    if any(f != 1.0 for f in jax.tree.leaves(scales)):  # else the state layout is the plain chain's
+        stages.append(scale_by_tree(scales))
+    return optax.chain(*stages)
+
+
+def lr_scales(params: nnx.State) -> dict:
+    """Float tree (pure dict, like weight_decay_mask): each variable's `lr_scale` metadata, 1.0 if none.
+    A factor f multiplies that variable's whole update (Adam step and decay alike): a learning rate f lr."""
+    flat = [(path, float(v.get_metadata().get("lr_scale", 1.0))) for path, v in nnx.to_flat_state(params)]
+    return nnx.to_pure_dict(nnx.from_flat_state(flat))
+
+
+def scale_by_tree(factors) -> optax.GradientTransformation:
+    """Multiply each update leaf by the matching leaf of `factors` (stateless)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _check_opt(opt: Mapping[str, Any]) -> None:

@@ -52,7 +52,7 @@ default_bias_init = jax.nn.initializers.zeros
 BRANCH_SCALES = ("none", "attnscale", "featscale")
 
 
-def param(kind: type[nnx.Variable], value: Any, names: Sequence[str | None]) -> nnx.Variable:
+def param(kind: type[nnx.Variable], value: Any, names: Sequence[str | None], **metadata: Any) -> nnx.Variable:
     """A Variable of type `kind` carrying logical sharding names (`out_sharding` metadata).
 
     `value` may be a plain array, or the `VariableMetadata` an initializer wrapped by
@@ -61,8 +61,8 @@ def param(kind: type[nnx.Variable], value: Any, names: Sequence[str | None]) -> 
     maps them onto a mesh when one is used.
     """
     if isinstance(value, nnx.variablelib.VariableMetadata):
-        return kind(value, out_sharding=tuple(names))
-    return kind(value, out_sharding=tuple(names), eager_sharding=False)
+        return kind(value, out_sharding=tuple(names), **metadata)
+    return kind(value, out_sharding=tuple(names), eager_sharding=False, **metadata)
 
 
 def _as_key(rngs: Any) -> jax.Array | None:
@@ -83,17 +83,20 @@ class LayerNorm(nnx.Module):
       d: width D.
       gain: "free" (a plain gain) or "positive" (softplus of a free parameter, starting at 1).
       eps: added to the variance.
+      lr_scale: stored as `lr_scale` metadata on the gain and bias when != 1; `jaxsmooth.optim` multiplies
+        their updates by it (DeepNorm's main-path LayerNorms, `ModelConfig.ln_lr`).
     """
 
-    def __init__(self, d: int, *, gain: str = "free", eps: float = 1e-6):
+    def __init__(self, d: int, *, gain: str = "free", eps: float = 1e-6, lr_scale: float = 1.0):
         if gain not in ("free", "positive"):
             raise ValueError(f"gain={gain!r}; choose free or positive")
         self.positive = gain == "positive"
         self.eps = eps
+        meta = {} if lr_scale == 1.0 else {"lr_scale": float(lr_scale)}
         # softplus(log(e - 1)) = 1: both gain types start at the identity gain.
         start = np.log(np.e - 1.0) if self.positive else 1.0
-        self.gain = param(LNGain, jnp.full((d,), start, jnp.float32), ("embed",))
-        self.bias = param(nnx.Param, jnp.zeros((d,), jnp.float32), ("embed",))
+        self.gain = param(LNGain, jnp.full((d,), start, jnp.float32), ("embed",), **meta)
+        self.bias = param(nnx.Param, jnp.zeros((d,), jnp.float32), ("embed",), **meta)
 
     def __call__(self, x_BxTxD):
         return attn_fn.layer_norm(

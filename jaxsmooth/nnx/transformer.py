@@ -67,8 +67,10 @@ class Block(nnx.Module):
             # The branch is compared with alpha * x on the skip path, so the spectral range is scaled by
             # alpha (only DeepNorm has alpha != 1).
             self.attn = SpectralAttention(c.num_heads, c.d_model, spectrum=c.spectrum, alpha=alpha, **common)
-        self.ln1 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
-        self.ln2 = LayerNorm(c.d_model, gain=c.ln_gain, eps=c.ln_eps)
+        # lr_scale: DeepNorm's main-path LayerNorms learn at lr / (2L) (ModelConfig.ln_lr).
+        ln = dict(gain=c.ln_gain, eps=c.ln_eps, lr_scale=c.ln_lr_scale)
+        self.ln1 = LayerNorm(c.d_model, **ln)
+        self.ln2 = LayerNorm(c.d_model, **ln)
         self.mlp = MLP(c.d_model, c.mlp_dim, beta=beta, dtype=dtype, fast_backward=c.fast_backward, rngs=rngs)
 
     def __call__(
