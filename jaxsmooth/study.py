@@ -116,6 +116,14 @@ def load_spec(path: str | Path, quick: bool = False) -> dict:
         raise StudyError(f"study spec {path}: get_study() lacks {missing}")
     if not spec["variants"] or not spec["grid"] or not spec["seeds"]:
         raise StudyError(f"study spec {path}: variants, grid and seeds must all be non-empty")
+    b = spec.get("baseline")
+    named = list(b.items()) if isinstance(b, dict) else [("baseline", b)] if isinstance(b, str) else []
+    unknown = [w for pair in named for w in pair if w != "baseline" and w not in spec["variants"]]
+    if isinstance(b, str) and b not in spec["variants"]:
+        unknown.append(b)
+    if unknown:
+        raise StudyError(f"study spec {path}: baseline names unknown variant(s) {sorted(set(unknown))}; "
+                         f"variants are {list(spec['variants'])}")  # fmt: skip
     spec.setdefault("overrides", {})
     spec["spec_path"] = str(path)
     return spec
@@ -457,10 +465,23 @@ def _get(record: dict, metric: str) -> float | None:
     return v if isinstance(v, int | float) else None
 
 
-def table(records: list[dict], spec: dict, metric: str, baseline: str = "baseline", fmt: str = ".4f") -> str:
+def baselines(spec: dict) -> dict[str, str]:
+    """variant -> the variant it is compared with: spec["baseline"] is one variant's name (default
+    "baseline"), a dict {variant: its baseline}, or None (no comparisons)."""
+    b = spec.get("baseline", "baseline")
+    if b is None:
+        return {}
+    if isinstance(b, dict):
+        return {v: w for v, w in b.items() if v in spec["variants"] and w in spec["variants"]}
+    return {v: b for v in spec["variants"] if v != b and b in spec["variants"]}
+
+
+def table(records: list[dict], spec: dict, metric: str, fmt: str = ".4f") -> str:
     """Markdown: one row per grid point, one column per variant: mean +/- std over seeds, and below each
-    non-baseline variant its paired difference to the baseline with a 95% CI (* when it excludes 0)."""
+    compared variant its seed-paired difference to its baseline (`baselines`) with a 95% CI (* when it
+    excludes 0)."""
     variants = list(spec["variants"])
+    compare = baselines(spec)
     lines = ["| grid point | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
     for point in map(point_tags, spec["grid"]):
         recs = [r for r in records if all(r["tags"].get(k) == v for k, v in point.items())]
@@ -469,8 +490,8 @@ def table(records: list[dict], spec: dict, metric: str, baseline: str = "baselin
         for v in variants:
             m, s, n = mean_std(by[v].values())
             text = "n/a" if n == 0 else f"{m:{fmt}} ± {s:{fmt}}" if n > 1 else f"{m:{fmt}}"
-            if v != baseline and baseline in by and n:
-                d, half, k = paired_difference(by[v], by[baseline])
+            if v in compare and n:
+                d, half, k = paired_difference(by[v], by[compare[v]])
                 if k > 1:
                     star = "*" if abs(d) > half else ""
                     text += f"<br>Δ {d:+{fmt}} ± {half:{fmt}}{star}"
@@ -494,9 +515,8 @@ def report(
     metrics = list(metrics or spec.get("report_metrics") or [metric, "train_accuracy", "val_accuracy"])
     metrics = [m for m in metrics if any(_get(r, m) is not None for r in records)]
     parts = [f"## Study `{name}`", "",
-             f"{len(records)} runs from `{spec.get('spec_path', '')}`; mean ± std over seeds; under each "
-             "variant, its seed-paired difference to the baseline with a 95% confidence interval "
-             "(* = the interval excludes 0).", ""]  # fmt: skip
+             f"{len(records)} runs from `{spec.get('spec_path', '')}`; mean ± std over seeds{_compared(spec)}",
+             ""]  # fmt: skip
     for m in metrics:
         parts += [f"### {m}", "", table(records, spec, m), ""]
     wall = sum(r.get("wall_s", 0) for r in records)
@@ -506,6 +526,14 @@ def report(
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+def _compared(spec: dict) -> str:
+    against = sorted({f"`{b}`" for b in baselines(spec).values()})
+    if not against:
+        return "."
+    return (f"; under each compared variant, its seed-paired difference to {', '.join(against)} with a 95% "
+            "confidence interval (* = the interval excludes 0).")  # fmt: skip
 
 
 def _figures(spec: dict, records: list[dict], out_dir: Path, metric: str) -> list[Path]:
@@ -545,10 +573,12 @@ def _figures(spec: dict, records: list[dict], out_dir: Path, metric: str) -> lis
         axes = fig.subplots(1, 2)
         for ax, when in zip(axes, ("profile_init", "profile_final"), strict=True):
             for v in variants:
-                prof = [r[when]["token_cosine"] for r in recs if r["variant"] == v and r.get(when)]
+                profs = [r[when] for r in recs if r["variant"] == v and r.get(when)]
+                prof = [p["token_cosine"] for p in profs]
                 if prof:
                     n = min(len(p) for p in prof)
-                    ax.plot(range(n), [sum(p[i] for p in prof) / len(prof) for i in range(n)], "o-", ms=3,
+                    xs = profs[0].get("layers", range(n))[:n]  # thinned deep profiles keep their indices
+                    ax.plot(xs, [sum(p[i] for p in prof) / len(prof) for i in range(n)], "o-", ms=3,
                             label=v)  # fmt: skip
             ax.set(xlabel="layer (0 = input)", ylabel="token cosine", title=f"{when.split('_')[1]} ({point})")
             ax.grid(alpha=0.3)

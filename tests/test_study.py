@@ -48,6 +48,23 @@ def test_bad_spec_names_the_problem(tmp_path):
         [study.resolve(c) for c in study.cells(study.load_spec(typo))]
     with pytest.raises(study.StudyError, match="does not exist"):
         study.load_spec(tmp_path / "missing.py")
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("def get_study(quick):\n    return {'name': 'x', 'config': 'digits', 'variants': "
+                     "{'a': {}, 'b': {}}, 'grid': [{}], 'seeds': [0], 'baseline': {'b': 'c'}}\n")  # fmt: skip
+    with pytest.raises(study.StudyError, match=r"unknown variant\(s\) \['c'\]"):
+        study.load_spec(wrong)
+
+
+def test_every_spec_loads_and_names_its_comparisons():
+    """Each committed spec loads (quick: no lr.jsonl needed) and its comparisons pair variants that
+    exist; depth_stability compares each residual type's spectral model with its own unconstrained one."""
+    for path in sorted(SPECS.glob("[!_]*.py")):
+        spec = study.load_spec(path, quick=True)
+        for v, b in study.baselines(spec).items():
+            assert v in spec["variants"] and b in spec["variants"] and v != b
+    spec = study.load_spec(SPECS / "depth_stability.py")
+    assert study.baselines(spec) == {f"{r}/spectral": f"{r}/none" for r in ("deepnorm", "post_ln", "pre_ln")}
+    assert {c.overrides["model.depth"] for c in study.cells(spec)} == {100, 300, 1000}
 
 
 def test_statistics():

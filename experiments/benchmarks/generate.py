@@ -72,13 +72,15 @@ def main(argv=None) -> int:
             jax.block_until_ready(full(state, ids))
             naive.append(time.perf_counter() - t)
         rows.append({"position": pos, "cached_ms": 1e3 * statistics.median(times),
-                     "naive_ms": 1e3 * statistics.median(naive), "naive_first_call_ms": 1e3 * naive_first})  # fmt: skip
+                     "naive_ms": 1e3 * statistics.median(naive),
+                     "naive_first_call_ms": 1e3 * naive_first})  # fmt: skip
     n_compiles = decode_one._cache_size()
     print(f"cached decode compiled {n_compiles} time(s) ({compile_s:.1f} s); per-token time, median of "
           f"{args.repeats} (ms), depth {args.depth}, width {args.width}, batch {args.batch}:")
     print(f"{'position':>9} {'cached':>8} {'no cache':>9} {'no cache, first call (compiles)':>32}")
     for r in rows:
-        print(f"{r['position']:>9} {r['cached_ms']:8.2f} {r['naive_ms']:9.2f} {r['naive_first_call_ms']:32.0f}")
+        c, n, f = r["cached_ms"], r["naive_ms"], r["naive_first_call_ms"]
+        print(f"{r['position']:>9} {c:8.2f} {n:9.2f} {f:32.0f}")
     first, last = rows[0]["cached_ms"], rows[-1]["cached_ms"]
     print(f"cached: last / first position = {last / first:.2f} (flat = 1); no cache: "
           f"{rows[-1]['naive_ms'] / rows[0]['naive_ms']:.2f}")
