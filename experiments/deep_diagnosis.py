@@ -23,8 +23,8 @@ gradients and optax update, and records:
 
 Per-layer arrays are summarised (every depth/10-th layer and the last, plus quantiles over all layers;
 by group: every depth/4-th), so 30 records at depth 1000 take about 100 KB. `--freeze` zeroes the
-updates of the named groups and `--group-lr g=f` multiplies a group's updates by f (hypothesis tests; both chain after
-the library optimiser). The output JSON names the command that made it.
+updates of the named groups and `--group-lr g=f` multiplies a group's updates by f (hypothesis tests;
+both chain after the library optimiser). The output JSON names the command that made it.
 """
 
 from __future__ import annotations

@@ -514,8 +514,8 @@ def report(
     metric = spec.get("metric") or ("test_bpc" if any("test_bpc" in r for r in records) else "test_accuracy")
     metrics = list(metrics or spec.get("report_metrics") or [metric, "train_accuracy", "val_accuracy"])
     metrics = [m for m in metrics if any(_get(r, m) is not None for r in records)]
-    parts = [f"## Study `{name}`", "",
-             f"{len(records)} runs from `{spec.get('spec_path', '')}`; mean ± std over seeds{_compared(spec)}",
+    source = spec.get("spec_path", "")
+    parts = [f"## Study `{name}`", "", f"{len(records)} runs from `{source}`; mean ± std over seeds{_compared(spec)}",
              ""]  # fmt: skip
     for m in metrics:
         parts += [f"### {m}", "", table(records, spec, m), ""]

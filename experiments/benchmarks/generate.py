@@ -75,15 +75,19 @@ def main(argv=None) -> int:
                      "naive_ms": 1e3 * statistics.median(naive),
                      "naive_first_call_ms": 1e3 * naive_first})  # fmt: skip
     n_compiles = decode_one._cache_size()
-    print(f"cached decode compiled {n_compiles} time(s) ({compile_s:.1f} s); per-token time, median of "
-          f"{args.repeats} (ms), depth {args.depth}, width {args.width}, batch {args.batch}:")
+    print(
+        f"cached decode compiled {n_compiles} time(s) ({compile_s:.1f} s); per-token time, median of "
+        f"{args.repeats} (ms), depth {args.depth}, width {args.width}, batch {args.batch}:"
+    )
     print(f"{'position':>9} {'cached':>8} {'no cache':>9} {'no cache, first call (compiles)':>32}")
     for r in rows:
         c, n, f = r["cached_ms"], r["naive_ms"], r["naive_first_call_ms"]
         print(f"{r['position']:>9} {c:8.2f} {n:9.2f} {f:32.0f}")
     first, last = rows[0]["cached_ms"], rows[-1]["cached_ms"]
-    print(f"cached: last / first position = {last / first:.2f} (flat = 1); no cache: "
-          f"{rows[-1]['naive_ms'] / rows[0]['naive_ms']:.2f}")
+    print(
+        f"cached: last / first position = {last / first:.2f} (flat = 1); no cache: "
+        f"{rows[-1]['naive_ms'] / rows[0]['naive_ms']:.2f}"
+    )
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
