@@ -515,8 +515,8 @@ def report(
     metrics = list(metrics or spec.get("report_metrics") or [metric, "train_accuracy", "val_accuracy"])
     metrics = [m for m in metrics if any(_get(r, m) is not None for r in records)]
     source = spec.get("spec_path", "")
-    parts = [f"## Study `{name}`", "", f"{len(records)} runs from `{source}`; mean ± std over seeds{_compared(spec)}",
-             ""]  # fmt: skip
+    intro = f"{len(records)} runs from `{source}`; mean ± std over seeds{_compared(spec)}"
+    parts = [f"## Study `{name}`", "", intro, ""]
     for m in metrics:
         parts += [f"### {m}", "", table(records, spec, m), ""]
     wall = sum(r.get("wall_s", 0) for r in records)
