@@ -138,6 +138,7 @@ def model(
     c.remat_group = _unset(remat_group, int)  # remat=nested: layers per group (None: sqrt(L))
     c.scan = True  # scan over layers (False: unrolled loop, a test oracle)
     c.dropout = 0.0  # dropout on attention probabilities and branch outputs
+    c.drop_path = 0.0  # stochastic depth: branch dropped per example w.p. drop_path * l / (depth - 1)
     c.dtype = "float32"  # compute dtype (params stay float32)
     c.qkv_bias = True  # biases on the Q and K projections
     c.vo_bias = False  # biases on the V and O projections (a DC term outside the spectral constraint)
@@ -184,6 +185,10 @@ def data(
     c.seed = 0  # data order (text: window offsets) and the train_fraction subset
     c.val_size = 0  # training items held out as the validation split (text: characters); 0 = none
     c.corrupt_train = "none"  # images: "NAME:SEVERITY" corrupts the training and validation images
+    c.random_crop_pad = 0  # images: random shift by up to this many pixels (pad and crop; 0 = none)
+    c.random_flip = False  # images: random horizontal flips
+    c.mixup_alpha = 0.0  # images: mixup's Beta(a, a) (0 = none); with cutmix, one of the two per batch
+    c.cutmix_alpha = 0.0  # images: cutmix's Beta(a, a) (0 = none)
     c.eval_corruptions = ""  # images: "NAME:SEVERITY,..." corrupted test sets of the final evaluation
     c.patch_size = _unset(patch_size, int)  # images: side of the square patches (None for text)
     c.seq_len = _unset(seq_len, int)  # text: context length T in tokens (None for images)
@@ -208,6 +213,7 @@ def train(quick: bool, *, steps: int, **overrides: Any) -> ml_collections.Config
     c.train_eval_size = 0  # training items evaluated at the end (train accuracy / loss); 0 = none
     c.test_max_examples = 0  # test items in the final evaluation (0 = all)
     c.profile = False  # per-layer smoothing profile (eval mode, held-out data) at init and at the end
+    c.label_smoothing = 0.0  # cross-entropy targets 1 - s + s / C on the label, s / C elsewhere
     c.on_nonfinite = "stop"  # stop (an error) | record (summary.json marks the run as diverged)
     c.tensorboard = True  # also write TensorBoard event files to DIR/tensorboard (when tensorboardX is there)
     c.model_parallel = 1  # devices along the mesh's "model" axis (> 1: a 2-D ("data", "model") mesh)

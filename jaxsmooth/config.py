@@ -188,6 +188,9 @@ class ModelConfig:
     remat_group: int | None = None  # nested: layers per checkpointed group; None = round(sqrt(depth))
     scan: bool = True  # False: a Python loop over layers (a test oracle; compile time grows with depth)
     dropout: float = 0.0  # on attention probabilities and both branch outputs
+    # Stochastic depth (Huang et al. 2016, DeiT's recipe): each branch output of layer l is dropped for a
+    # whole example with probability drop_path * l / (depth - 1) (timm's linear rule), kept ones / (1 - p).
+    drop_path: float = 0.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype; params stay float32
     qkv_bias: bool = True  # biases on the Q and K projections
     # Biases on the V and O projections, for every variant alike: a bias adds the same vector to every
@@ -234,6 +237,8 @@ class ModelConfig:
             raise ValueError(f"model.remat_group={self.remat_group} must be in [1, depth={self.depth}]")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"model.drop_path={self.drop_path} must be in [0, 1)")
         if not isinstance(self.fast_backward, bool):
             raise ValueError(f"model.fast_backward={self.fast_backward!r} must be True or False")
         if not self.ln_eps > 0:

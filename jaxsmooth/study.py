@@ -110,7 +110,10 @@ def load_spec(path: str | Path, quick: bool = False) -> dict:
         raise StudyError(f"study spec {path} failed to load: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_study"):
         raise StudyError(f"study spec {path} has no get_study(quick) function")
-    spec = dict(module.get_study(quick))
+    try:
+        spec = dict(module.get_study(quick))
+    except (ValueError, OSError, KeyError) as e:  # e.g. a missing lr.jsonl or data directory, named
+        raise StudyError(f"study spec {path}: {e}") from e
     missing = [k for k in ("name", "config", "variants", "grid", "seeds") if k not in spec]
     if missing:
         raise StudyError(f"study spec {path}: get_study() lacks {missing}")
@@ -151,6 +154,23 @@ def cells(spec: dict) -> list[Cell]:
     return out
 
 
+# Config fields added after studies had run, with the value that behaves as before the field existed: at
+# that value a field is left out of the cell key, so adding it does not orphan finished cells.
+ADDED_FIELDS = {
+    "model.drop_path": 0.0, "data.random_crop_pad": 0, "data.random_flip": False, "data.mixup_alpha": 0.0,
+    "data.cutmix_alpha": 0.0, "train.label_smoothing": 0.0,
+}  # fmt: skip
+
+
+def _keyed(config: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for field, neutral in ADDED_FIELDS.items():
+        section, name = field.split(".")
+        if name in out.get(section, {}) and out[section][name] == neutral:
+            del out[section][name]
+    return out
+
+
 def resolve(cell: Cell) -> tuple[Cell, Any]:
     """(the cell with its key, its resolved ConfigDict): the base config with the overrides applied and
     checked exactly as `jaxsmooth train` does."""
@@ -163,7 +183,7 @@ def resolve(cell: Cell) -> tuple[Cell, Any]:
         train.check_config(config)
     except Exception as e:  # noqa: BLE001 - any bad override is the spec's fault; name the cell
         raise StudyError(f"{cell.study} cell {cell.tags}: bad config ({type(e).__name__}: {e})") from e
-    text = json.dumps({"study": cell.study, "protocol": PROTOCOL, "config": config.to_dict()},
+    text = json.dumps({"study": cell.study, "protocol": PROTOCOL, "config": _keyed(config.to_dict())},
                       sort_keys=True, default=str)  # fmt: skip
     return dataclasses.replace(cell, key=hashlib.sha256(text.encode()).hexdigest()[:16]), config
 

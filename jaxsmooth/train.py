@@ -49,7 +49,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsmooth import checkpoint, optim, parallel, runlog, runtime, tblog
+from jaxsmooth import augment, checkpoint, optim, parallel, runlog, runtime, tblog
 from jaxsmooth import data as data_lib
 from jaxsmooth import workdir as wd
 from jaxsmooth.checkpoint import Checkpoints, NoUsableCheckpointError
@@ -149,6 +149,10 @@ def _check_protocol(config) -> None:
         raise ValueError(f"train.on_nonfinite={on_nonfinite!r}; choose stop or record")
     if not isinstance(setting(config, "train.profile", False), bool):
         raise ValueError(f"train.profile={setting(config, 'train.profile', False)!r} must be True or False")
+    aug = augment.Augment.from_config(config)  # raises a ValueError naming a bad field
+    if is_text(config) and aug.images:
+        raise ValueError("data.random_crop_pad / random_flip / mixup_alpha / cutmix_alpha apply to image "
+                         "datasets only; leave them at 0 / False for text")  # fmt: skip
     corrupt_train = setting(config, "data.corrupt_train", "none")
     evals = setting(config, "data.eval_corruptions", "")
     data_lib.parse_corruption(corrupt_train)  # raises a ValueError naming the bad spec
@@ -219,8 +223,12 @@ def build_model(mcfg: ModelConfig, ds: data_lib.Dataset, config, rngs: nnx.Rngs)
 
 
 def per_example_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """Cross-entropy per example [B] (images: logits [B, C]; text: logits [B, T, V], mean over T)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # [B] or [B, T]
+    """Cross-entropy per example [B] (images: logits [B, C]; text: logits [B, T, V], mean over T); y holds
+    integer labels, or soft targets with the logits' shape (label smoothing, mixup / cutmix)."""
+    if y.shape == logits.shape:
+        ce = optax.softmax_cross_entropy(logits, y)
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # [B] or [B, T]
     return ce if ce.ndim == 1 else jnp.mean(ce, axis=1)
 
 
@@ -228,12 +236,20 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
-def make_train_step(graphdef, tx, schedule, *, dropout: bool, with_stats: bool, spectral: bool):
-    """The pure train step (state, x, y) -> (state, metrics); see the module docstring."""
+def make_train_step(
+    graphdef, tx, schedule, *, dropout: bool, with_stats: bool, spectral: bool,
+    aug: augment.Augment | None = None, num_classes: int = 0,
+):  # fmt: skip
+    """The pure train step (state, x, y) -> (state, metrics); see the module docstring. `aug`: image
+    augmentation / label smoothing (jaxsmooth.augment), drawn from the run's key and the step."""
 
     def train_step(state, x, y):
         step = state["step"]
         key = jax.random.fold_in(state["rng"], step) if dropout else None
+        if aug is not None and (aug.images or aug.soft):
+            # A key of its own (the dropout key is unchanged by turning augmentation on).
+            aug_key = jax.random.fold_in(jax.random.fold_in(state["rng"], step), 0x5A17)
+            x, y = augment.apply(aug, aug_key, x, y, num_classes)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
@@ -700,7 +716,10 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     init_fn = jax.jit(init, out_shardings=shardings)
     state = init_fn()
 
-    kw = dict(dropout=mcfg.dropout > 0, spectral=mcfg.spectrum is not None)
+    aug = augment.Augment.from_config(config)
+    n_out = ds.vocab_size if ds.kind == "text" else ds.num_classes
+    kw = dict(dropout=mcfg.dropout > 0 or mcfg.drop_path > 0, spectral=mcfg.spectrum is not None, aug=aug,
+              num_classes=n_out)  # fmt: skip
     jitted = {
         "step": jax.jit(
             make_train_step(graphdef, tx, schedule, with_stats=False, **kw),

@@ -55,11 +55,15 @@ def test_bad_spec_names_the_problem(tmp_path):
         study.load_spec(wrong)
 
 
-def test_every_spec_loads_and_names_its_comparisons():
-    """Each committed spec loads (quick: no lr.jsonl needed) and its comparisons pair variants that
-    exist; depth_stability compares each residual type's spectral model with its own unconstrained one."""
+def test_every_spec_loads_and_names_its_comparisons(tmp_path, monkeypatch):
+    """Each committed spec loads (quick: no lr.jsonl needed), every cell's config passes the trainer's
+    checks, and its comparisons pair variants that exist; depth_stability compares each residual type's
+    spectral model with its own unconstrained one."""
+    monkeypatch.setenv("JAXSMOOTH_CIFAR_DIR", str(tmp_path))  # depth_full's data (only named, not read)
     for path in sorted(SPECS.glob("[!_]*.py")):
         spec = study.load_spec(path, quick=True)
+        for cell in study.cells(spec):
+            study.resolve(cell)
         for v, b in study.baselines(spec).items():
             assert v in spec["variants"] and b in spec["variants"] and v != b
     spec = study.load_spec(SPECS / "depth_stability.py")

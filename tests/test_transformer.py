@@ -38,16 +38,20 @@ def _assert_trees_close(a, b, rtol, atol):
 
 
 @pytest.mark.parametrize(
-    "spectrum, residual, dropout",
-    [(None, "pre_ln", 0.1), (SHARPEN, "deepnorm", 0.0), (GENERAL, "post_ln", 0.0)],
-    ids=["baseline-pre_ln-dropout", "sharpen-deepnorm", "general-post_ln"],
-)
-def test_scanned_equals_unrolled_and_remat_equals_none(spectrum, residual, dropout):
+    "spectrum, residual, dropout, drop_path",
+    [(None, "pre_ln", 0.1, 0.0), (SHARPEN, "deepnorm", 0.0, 0.0), (GENERAL, "post_ln", 0.0, 0.0),
+     (SHARPEN, "pre_ln", 0.1, 0.6)],
+    ids=["baseline-pre_ln-dropout", "sharpen-deepnorm", "general-post_ln", "sharpen-pre_ln-drop_path"],
+)  # fmt: skip
+def test_scanned_equals_unrolled_and_remat_equals_none(spectrum, residual, dropout, drop_path):
     # depth 3 with the default nested group round(sqrt(3)) = 2 also runs the remainder path (1 group + 1).
-    # With dropout, the per-layer keys must ride the scan identically in every mode.
-    x = jax.random.normal(jax.random.key(1), (2, 7, 16))
-    key = jax.random.key(7) if dropout else None
-    cfg = lambda **v: _cfg(depth=3, spectrum=spectrum, residual=residual, dropout=dropout, **v)
+    # With dropout (and stochastic depth), the per-layer keys and rates must ride the scan identically in
+    # every mode.
+    x = jax.random.normal(jax.random.key(1), (8, 7, 16))
+    key = jax.random.key(7) if dropout or drop_path else None
+    cfg = lambda **v: _cfg(
+        depth=3, spectrum=spectrum, residual=residual, dropout=dropout, drop_path=drop_path, **v
+    )
     ref_loss, ref_grad = _loss_and_grad(cfg(), x, key)
     for v in (dict(scan=False), dict(remat="full"), dict(remat="nested")):
         loss, grad = _loss_and_grad(cfg(**v), x, key)
@@ -209,3 +213,25 @@ def test_model_config_from_dict():
     with pytest.raises(ValueError, match="unknown spectrum field"):
         ModelConfig.from_dict(dict(spectrum=dict(mode="smooth", high=1.0)))
     hash(cfg)  # static argument of jit
+
+
+def test_stochastic_depth_drops_whole_branches_at_the_linear_rate():
+    """drop_path: layer l's branches are dropped for a whole example w.p. drop_path * l / (L - 1); layer 0
+    never; evaluation (no key) is deterministic and equals the model without stochastic depth."""
+    from jaxsmooth.nnx.transformer import _drop_path
+
+    y = jnp.ones((4000, 3, 2))
+    out = np.asarray(_drop_path(y, jnp.float32(0.3), jax.random.key(0)))
+    per_example = out.reshape(4000, -1)
+    assert np.all((per_example == 0).all(1) | np.isclose(per_example, 1 / 0.7).all(1))  # whole examples
+    assert abs((per_example[:, 0] == 0).mean() - 0.3) < 0.03  # 4000 draws: sd 0.007
+    x = jax.random.normal(jax.random.key(1), (16, 5, 16))
+    plain, dp = (Transformer(_cfg(depth=2, drop_path=r), rngs=nnx.Rngs(0)) for r in (0.0, 0.9))
+    np.testing.assert_array_equal(np.asarray(plain(x)), np.asarray(dp(x)))  # eval: no stochastic depth
+    # Depth 2: layer 0 at rate 0, layer 1 at 0.9; most examples skip layer 1's branches entirely.
+    one = Transformer(_cfg(depth=1), rngs=nnx.Rngs(0))
+    nnx.update(one.blocks, jax.tree.map(lambda a: a[:1], nnx.state(dp.blocks)))  # dp's first layer alone
+    trained = np.asarray(dp(x, dropout_key=jax.random.key(3)))
+    first = np.asarray(one(x))
+    skipped = np.isclose(trained, first, atol=1e-5).reshape(16, -1).all(1)
+    assert 10 <= skipped.sum() <= 16  # both branches dropped: p = 0.9^2 = 0.81 per example (mean 13)

@@ -75,13 +75,18 @@ class Block(nnx.Module):
 
     def __call__(
         self, x_BxTxD, *, mask=None, mask_BxT=None, dropout_key=None, stats=False, attention=False,
-        value_output=None, decode=False, full_stats=False,
+        value_output=None, decode=False, full_stats=False, drop_path=None,
     ):  # fmt: skip
         """mask: Flax-style boolean attention mask [B, 1, T, S] (or None); mask_BxT: the [B, T] padding
         mask the statistics exclude. value_output: this layer's precomputed (w_v, w_o, b_v, b_o), see
-        `_AttentionBase.attend`. decode: attend through the attention's KV cache."""
+        `_AttentionBase.attend`. decode: attend through the attention's KV cache. drop_path: this layer's
+        stochastic-depth rate (applied with dropout_key only)."""
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
-        drop = lambda y, k: _dropout(y, self.dropout, k)
+        if drop_path is None or dropout_key is None:
+            drop = lambda y, k: _dropout(y, self.dropout, k)
+        else:  # stochastic depth after dropout, with keys of its own (the dropout masks are unchanged)
+            dp_keys = iter(jax.random.split(jax.random.fold_in(dropout_key, 0xD9), 2))
+            drop = lambda y, k: _drop_path(_dropout(y, self.dropout, k), drop_path, next(dp_keys))
 
         def attend(x, v_in=None):
             return self.attn.attend(
@@ -106,6 +111,13 @@ class Block(nnx.Module):
         if attention:
             aux["attention"] = jnp.mean(att, axis=0)  # batch-averaged [H, T, S]
         return x, aux
+
+
+def _drop_path(y_BxTxD: jnp.ndarray, rate, key: jax.Array) -> jnp.ndarray:
+    """Stochastic depth: the whole branch output of an example is dropped with probability `rate` (a
+    traced scalar), kept ones are scaled by 1 / (1 - rate)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, (y_BxTxD.shape[0],) + (1,) * (y_BxTxD.ndim - 1))
+    return jnp.where(keep, y_BxTxD / (1.0 - rate), jnp.zeros_like(y_BxTxD))
 
 
 class Transformer(nnx.Module):
@@ -163,13 +175,17 @@ class Transformer(nnx.Module):
             raise ValueError(f"input has shape {x_BxTxD.shape}; expected [B, T, D={c.d_model}]")
         graphdef, state = nnx.split(self.blocks)
         keys_L = None if dropout_key is None else jax.random.split(dropout_key, c.depth)
+        if keys_L is not None and c.drop_path > 0:  # per-layer rates ride the scan with the keys
+            keys_L = (keys_L, c.drop_path * jnp.arange(c.depth) / max(c.depth - 1, 1))
         want = dict(stats=return_stats, attention=return_attention, full_stats=full_stats)
         mask = None if mask_BxT is None else attn_fn.padding_mask(mask_BxT)
 
         def body(x, xs):
             layer_state, vo, key = xs  # vo: precomputed (w_v, w_o, b_v, b_o), or None: compose here
+            key, rate = key if isinstance(key, tuple) else (key, None)
             block = nnx.merge(graphdef, layer_state)
-            y, aux = block(x, mask=mask, mask_BxT=mask_BxT, dropout_key=key, value_output=vo, **want)
+            y, aux = block(x, mask=mask, mask_BxT=mask_BxT, dropout_key=key, value_output=vo,
+                           drop_path=rate, **want)  # fmt: skip
             return y, aux
 
         x = x_BxTxD.astype(jnp.dtype(c.dtype))
