@@ -155,7 +155,8 @@ def cells(spec: dict) -> list[Cell]:
 
 
 # Config fields added after studies had run, with the value that behaves as before the field existed: at
-# that value a field is left out of the cell key, so adding it does not orphan finished cells.
+# that value a field is left out of the cell key, so adding it does not orphan finished cells (the fields
+# added before any study record existed stay in the key; workdir.ADDED_FIELDS lists every added field).
 ADDED_FIELDS = {
     "model.drop_path": 0.0, "data.random_crop_pad": 0, "data.random_flip": False, "data.mixup_alpha": 0.0,
     "data.cutmix_alpha": 0.0, "train.label_smoothing": 0.0,

@@ -411,6 +411,16 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 _ABSENT = object()
 
+# Fields added to the config after runs had been made, with the value that behaves as before they existed:
+# a checkpoint whose stored config lacks one resumes under a config that has it at that value.
+ADDED_FIELDS = {
+    "data.val_size": 0, "data.corrupt_train": "none", "data.eval_corruptions": "", "train.select": "last",
+    "train.train_eval_size": 0, "train.test_max_examples": 0, "train.profile": False,
+    "train.on_nonfinite": "stop", "model.drop_path": 0.0, "data.random_crop_pad": 0,
+    "data.random_flip": False, "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
+    "train.label_smoothing": 0.0,
+}  # fmt: skip
+
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The fields whose difference would change the model, the data stream or the optimiser trajectory,
@@ -427,7 +437,10 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     for field in sorted(set(a) | set(b)):
         if field in RESUMABLE_CHANGES or (constant and field == "opt.decay_steps"):
             continue
-        va, vb = a.get(field, _ABSENT), b.get(field, _ABSENT)
+        va, vb = (
+            a.get(field, ADDED_FIELDS.get(field, _ABSENT)),
+            b.get(field, ADDED_FIELDS.get(field, _ABSENT)),
+        )
         if va == vb or (_is_nan(va) and _is_nan(vb)):
             continue
         show = lambda v: "(no such field)" if v is _ABSENT else repr(v)

@@ -218,6 +218,17 @@ def test_a_field_unknown_to_the_checkpoint_is_a_difference():
     ]
 
 
+def test_an_added_field_at_its_old_behaviour_may_resume():
+    """A checkpoint from before stochastic depth / augmentation existed resumes under a config that has
+    them off, and is refused with them on."""
+    base = _resolved(_packaged("digits"))
+    old = json.loads(json.dumps(base))
+    del old["model"]["drop_path"], old["data"]["mixup_alpha"], old["train"]["label_smoothing"]
+    assert wd.config_differences(old, base) == []
+    base["data"]["mixup_alpha"] = 0.8
+    assert wd.config_differences(old, base) == ["data.mixup_alpha: checkpoint has 0.0, config has 0.8"]
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 
