@@ -1,6 +1,10 @@
 """A 1000-layer DeepNorm spectral stack (width 32) on scikit-learn digits: depth costs no compile time
 (scan), nested remat keeps activation memory about sqrt(L), and DeepNorm's alpha/beta keep the updates
-bounded (alpha = (2N)^(1/4) = 6.687, beta = (8N)^(-1/4) = 0.106 for N = 1000).
+bounded (alpha = (2N)^(1/4) = 6.687, beta = (8N)^(-1/4) = 0.106 for N = 1000), with the blocks'
+LayerNorm gains and biases learning at lr / (2N) (model.ln_lr="depth", the default; without it the stack
+collapses to an input-independent output by step ~120, experiments/results/deep/README.md).
+`depth=100` gives the depth-100 variant (same budget). Measured test accuracies and wall times:
+experiments/results/deep_configs.jsonl (`jaxsmooth study run experiments/studies/deep_configs.py`).
 
     jaxsmooth train --config deep1000 --workdir runs/deep1000
     jaxsmooth train --config deep1000:mode=smooth --workdir runs/deep1000_smooth
@@ -28,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     quick = args["quick"]
     train = common.train(
         quick,
-        steps=4 if quick else 2000,  # optimiser steps
+        steps=4 if quick else 1000,  # optimiser steps
         log_every=1 if quick else 20,  # metrics.jsonl records
         stats_every=2 if quick else 100,  # per-layer statistics
         eval_every=4 if quick else 500,  # test-set evaluations

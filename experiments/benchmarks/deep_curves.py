@@ -1,6 +1,6 @@
 """Loss curves of the packaged deep config at depth 12, 100 and 1000, side by side (JSON + PNG).
 
-    PYTHONPATH=$PWD python experiments/benchmarks/deep_curves.py [--depths 12,100,1000] [--steps 2000]
+    PYTHONPATH=$PWD python experiments/benchmarks/deep_curves.py [--depths 12,100,1000] [--steps 1000]
         [--modes sharpen] [--set model.ln_lr=none ...] [--out experiments/results/deep/curves.json]
         [--workdir-root DIR] [--order mode|depth]
 
@@ -97,7 +97,7 @@ def main(argv=None):
     ap.add_argument(
         "--modes", default="sharpen", help="comma-separated spectrum modes (none = unconstrained)"
     )
-    ap.add_argument("--steps", type=int, default=2000, help="the packaged budget of configs/deep1000.py")
+    ap.add_argument("--steps", type=int, default=1000, help="the packaged budget of configs/deep1000.py")
     ap.add_argument("--set", action="append", default=[], help="section.field=value, for every run")
     ap.add_argument("--out", default="experiments/results/deep/curves.json")
     ap.add_argument("--workdir-root", default=None, help="keep runs in DIR/d<depth>_<mode> (resumable)")
