@@ -18,7 +18,8 @@ comparison with the baseline is fair (docs/design.md, "Matched learning dynamics
     scale sets how far one Adam step turns V, so theta follows the same norm trajectory as the baseline's
     W_V when both are decayed alike;
   - EigVals (psi) carry `weight_decay=True` with the clip bound: decaying psi pulls lambda towards 0 at
-    (1 - lr wd)^2 per step for lambda = +-(c psi)^2, as decaying W_V and W_O pulls H = W_V W_O towards 0;
+    (1 - lr wd)^2 per step for lambda = +-(c psi)^2 (neutral, free: c^2 psi |psi|), as decaying W_V and
+    W_O pulls H = W_V W_O towards 0;
     with the sigmoid bound psi = 0 is the middle of the interval, not 0, so they are not decayed.
 Never decayed: LNGain, BranchScale, biases and other vectors (their scale is meaningful: LN gain signs set
 smoothing, docs/theory.md), positional embeddings and the [CLS] token ([1, T, D] / [1, 1, D]: not maps

@@ -116,9 +116,11 @@ def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> j
 
     With p = c psi (c = `psi_unit`) and [a, b] = `Spectrum.closed_interval(alpha)`:
     clip:   sharpen b - p^2, smooth a + p^2 (the paper's "minus"/"plus", offset by the margin that keeps
-            0 excluded), clipped at the far end; neutral p, clipped to [a, b].
+            0 excluded), clipped at the far end; neutral p |p| (the signed square), clipped to [a, b].
     smooth: alpha (lo + (hi - lo) sigmoid(p)); also clipped, since sigmoid saturates to 0/1 in float32.
-    free:   p itself (eigen-parameterised but unconstrained).
+    free:   p |p| (eigen-parameterised but unconstrained).
+    The controls (neutral, free) use the same square map as sharpen and smooth, only with the sign left
+    free, so a difference between them is the sign's, not the parameterisation's (docs/design.md).
 
     Args:
       psi_D: the free parameters [D] (any finite values).
@@ -130,7 +132,7 @@ def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> j
     psi = jnp.asarray(psi_D, jnp.float32)
     psi = psi * psi_unit(spectrum, psi.shape[-1])
     if spectrum.mode == "free":
-        return psi
+        return psi * jnp.abs(psi)
     a, b = spectrum.closed_interval(alpha)
     if spectrum.bound == "smooth":
         raw = alpha * (spectrum.lo + (spectrum.hi - spectrum.lo) * jax.nn.sigmoid(psi))
@@ -143,8 +145,10 @@ def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> j
         # clipped eigenvalue has no gradient, and near 0 one stayed there for good (weight decay pulls
         # psi towards 0); here the gradient 2 psi vanishes only at psi = 0 exactly.
         raw = b - sq if spectrum.mode == "sharpen" else a + sq
-    else:  # neutral
-        raw = psi
+    else:  # neutral: the signed square, |psi| capped first as above (|p| > r is clipped anyway)
+        r = math.sqrt(max(abs(a), abs(b))) + 1.0
+        capped = jnp.clip(psi, -r, r)
+        raw = capped * jnp.abs(capped)
     return jnp.clip(raw, a, b)
 
 
@@ -152,8 +156,9 @@ def eigenvalues_inverse(lam_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1
     """A psi_D with eigenvalues(psi) == lam_D (after clipping lam_D into the allowed interval)."""
     lam = jnp.asarray(lam_D, jnp.float32)
     unit = psi_unit(spectrum, lam.shape[-1])
+    signed_sqrt = lambda x: jnp.sign(x) * jnp.sqrt(jnp.abs(x))
     if spectrum.mode == "free":
-        return lam / unit
+        return signed_sqrt(lam) / unit
     a, b = spectrum.closed_interval(alpha)
     lam = jnp.clip(lam, a, b)
     if spectrum.bound == "smooth":
@@ -162,7 +167,7 @@ def eigenvalues_inverse(lam_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1
         return (jnp.log(p) - jnp.log1p(-p)) / unit
     if spectrum.mode in ("sharpen", "smooth"):
         return jnp.sqrt(jnp.abs(lam - (b if spectrum.mode == "sharpen" else a))) / unit
-    return lam / unit
+    return signed_sqrt(lam) / unit
 
 
 def basis(theta: Theta, spectrum: Spectrum) -> tuple[jnp.ndarray, jnp.ndarray]:
