@@ -235,7 +235,32 @@ def make_record(cell: Cell, workdir: Path, wall_s: float, config) -> dict:
     }  # fmt: skip
     rec.update({k: _round(_compact(summary[k])) for k in RECORD_FIELDS if k in summary})
     rec.update(_derived(rec))
+    rec.update(training_time(workdir / "metrics.jsonl"))
     return rec
+
+
+def training_time(metrics_path: Path) -> dict:
+    """{"train_s", "s_per_step"}: the run's training time from its own log, summed over every process that
+    worked on it: steps redone after a restart count as often as they ran; the gap of a restart and each
+    process's compilation before its first logged step do not count. Empty if no two logged steps follow
+    each other in one process."""
+    total, steps, last = 0.0, 0, None
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("type") == "event" and r.get("event") == "resumed":
+            last = None  # the next record starts a new process: no interval across the restart
+        elif r.get("type") == "train":
+            if last is not None and r["step"] > last[0]:
+                total, steps = total + r["time"] - last[1], steps + r["step"] - last[0]
+            last = (r["step"], r["time"])
+    return {"train_s": round(total, 1), "s_per_step": float(f"{total / steps:.4g}")} if steps else {}
 
 
 MAX_LAYER_POINTS = 65  # per-layer arrays of deeper stacks keep this many evenly spaced layers

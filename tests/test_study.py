@@ -118,3 +118,17 @@ def test_quick_study_runs_skips_finished_cells_and_reports(tmp_path, monkeypatch
     assert "| grid point | baseline | sharpen |" in text and "Δ" in text and "val_accuracy" in text
     assert (tmp_path / "report" / "lr_quick_val_accuracy.png").is_file()
     assert json.loads((results / "lr_quick.jsonl").read_text().splitlines()[0])["study"] == "lr_quick"
+
+
+def test_training_time_counts_each_step_once_across_restarts(tmp_path):
+    """A run that crashed after logging step 60 (last checkpoint 40) and resumed: the restart's gap does not
+    count, the redone steps 41-60 count twice (they ran twice)."""
+    lines = [{"type": "train", "step": s, "time": 100.0 + s} for s in (1, 20, 40, 60)]
+    lines += [{"type": "event", "step": 41, "event": "resumed"}]
+    lines += [{"type": "train", "step": s, "time": 1000.0 + 2 * s} for s in (41, 60, 80)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    # first process: steps 1 -> 60 in 59 s; second: 41 -> 80 in 78 s (its own clock, 2 s per step).
+    assert study.training_time(path) == {"train_s": 137.0, "s_per_step": round(137 / 98, 4)}
+    path.write_text(json.dumps(lines[0]) + "\n")
+    assert study.training_time(path) == {}
