@@ -648,6 +648,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="report output directory (default: --results)")
     p.add_argument("--commit", action="store_true", help="git-commit the results file after every cell")
     p.add_argument("--only", default=None, help="comma-separated variants to run (default all)")
+    p.add_argument("--baseline", default=None,
+                   help="report: compare every variant with this one instead of the spec's baseline "
+                   "(writes <study>_vs_<variant>.md)")  # fmt: skip
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs={args.jobs} must be >= 1")
@@ -670,6 +673,12 @@ def main(argv: list[str]) -> int:
             records = read_records(results_path(spec, args.results))
             if not records:
                 raise StudyError(f"no records for {spec['name']} in {args.results}: run the study first")
+            if args.baseline is not None:
+                if args.baseline not in spec["variants"]:
+                    raise StudyError(f"--baseline {args.baseline!r} is not a variant of {spec['name']}: "
+                                     f"choose one of {list(spec['variants'])}")  # fmt: skip
+                spec = dict(spec, baseline=args.baseline, name=f"{spec['name']}_vs_{args.baseline}")
+                records = [dict(r, study=spec["name"]) for r in records]
             path = report(spec, records, args.out or args.results)
             print(f"wrote {path}")
     except StudyError as e:

@@ -118,6 +118,13 @@ def test_quick_study_runs_skips_finished_cells_and_reports(tmp_path, monkeypatch
     assert "| grid point | baseline | sharpen |" in text and "Δ" in text and "val_accuracy" in text
     assert (tmp_path / "report" / "lr_quick_val_accuracy.png").is_file()
     assert json.loads((results / "lr_quick.jsonl").read_text().splitlines()[0])["study"] == "lr_quick"
+    assert rec["train_s"] > 0 and rec["s_per_step"] > 0  # the run's own training time
+    # The same records against another variant (the controls' view: sign vs parameterisation).
+    argv = ["report", str(SPECS / "lr.py"), "--quick", "--results", str(results), "--out", str(tmp_path)]
+    assert study.main([*argv, "--baseline", "sharpen"]) == 0
+    vs = (tmp_path / "lr_quick_vs_sharpen.md").read_text()
+    assert "seed-paired difference to `sharpen`" in vs and "Δ" in vs
+    assert study.main([*argv, "--baseline", "nope"]) == 2
 
 
 def test_training_time_counts_each_step_once_across_restarts(tmp_path):
