@@ -119,13 +119,11 @@ def load_spec(path: str | Path, quick: bool = False) -> dict:
         raise StudyError(f"study spec {path}: get_study() lacks {missing}")
     if not spec["variants"] or not spec["grid"] or not spec["seeds"]:
         raise StudyError(f"study spec {path}: variants, grid and seeds must all be non-empty")
-    b = spec.get("baseline")
-    named = list(b.items()) if isinstance(b, dict) else [("baseline", b)] if isinstance(b, str) else []
-    unknown = [w for pair in named for w in pair if w != "baseline" and w not in spec["variants"]]
-    if isinstance(b, str) and b not in spec["variants"]:
-        unknown.append(b)
+    b = spec.get("baseline")  # absent: "baseline" if there is such a variant; None: no comparisons
+    named = {*b, *b.values()} if isinstance(b, dict) else {b} if isinstance(b, str) else set()
+    unknown = sorted(named - set(spec["variants"]))
     if unknown:
-        raise StudyError(f"study spec {path}: baseline names unknown variant(s) {sorted(set(unknown))}; "
+        raise StudyError(f"study spec {path}: baseline names unknown variant(s) {unknown}; "
                          f"variants are {list(spec['variants'])}")  # fmt: skip
     spec.setdefault("overrides", {})
     spec["spec_path"] = str(path)
