@@ -3,7 +3,7 @@
     severities 1 / 3 / 5, seeded, generated at run time);
   - "train": models trained on corrupted images (2 corruptions x severities 3 / 5), tested on the same
     corruption and on clean images.
-Depth 8. The corruptions come from imagecorruptions-imaug (jaxsmooth.data.corrupt).
+Depth 8, every variant but `free` (_common.SECONDARY_VARIANTS). The corruptions come from imagecorruptions-imaug (jaxsmooth.data.corrupt).
 
     jaxsmooth study run experiments/studies/corruption.py --jobs 2 --commit
 """
@@ -28,7 +28,7 @@ def get_study(quick: bool = False) -> dict:
         for s in (3,) if quick else (3, 5):
             grid.append({"data.corrupt_train": f"{c}:{s}", "data.eval_corruptions": f"{c}:{s}",
                          "tags": {"trained_on": f"{c}:{s}"}})  # fmt: skip
-    variants = ["baseline", "sharpen"] if quick else list(common.VARIANTS)
+    variants = ["baseline", "sharpen"] if quick else list(common.SECONDARY_VARIANTS)
     return {
         "name": "corruption",
         "config": "fashion_mnist",
