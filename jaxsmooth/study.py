@@ -4,6 +4,7 @@
     jaxsmooth study run experiments/studies/depth.py --quick         # the minutes-long smoke version
     jaxsmooth study status experiments/studies/depth.py              # cells done / total
     jaxsmooth study report experiments/studies/depth.py              # markdown tables + PNG figures
+    jaxsmooth study reproduce experiments/studies/depth.py --cell KEY  # rerun one recorded cell, compare
 
 A study is a committed spec file whose `get_study(quick)` returns a dict:
 
@@ -43,6 +44,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -220,8 +222,9 @@ def append_record(path: Path, record: dict) -> None:
         os.close(fd)
 
 
-def make_record(cell: Cell, workdir: Path, wall_s: float, config) -> dict:
-    """The compact record of a finished cell, from its summary.json."""
+def make_record(cell: Cell, workdir: Path, wall_s: float, config, cores: int | None = None) -> dict:
+    """The compact record of a finished cell, from its summary.json (cores: how many CPUs its process was
+    pinned to; XLA's CPU reductions, and so the last digits, depend on it)."""
     summary = json.loads((workdir / "summary.json").read_text())
     rec = {
         "key": cell.key, "study": cell.study, "protocol": PROTOCOL, "variant": cell.variant,
@@ -231,6 +234,8 @@ def make_record(cell: Cell, workdir: Path, wall_s: float, config) -> dict:
         "depth": config.model.depth, "d_model": config.model.d_model,
         "jaxsmooth_version": _version(),
     }  # fmt: skip
+    if cores is not None:
+        rec["cores"] = cores
     rec.update({k: _round(_compact(summary[k])) for k in RECORD_FIELDS if k in summary})
     rec.update(_derived(rec))
     rec.update(training_time(workdir / "metrics.jsonl"))
@@ -390,7 +395,7 @@ def run(
         while todo and free:
             cell, config = todo.pop(0)
             cores = free.pop(0)
-            running.append(_launch(cell, config, Path(root), cores))
+            running.append(_launch(cell, config, Path(root) / cell.study / cell.key, cores))
         time.sleep(0.5)
         for job in list(running):
             if job.proc.poll() is None:
@@ -403,7 +408,7 @@ def run(
                 failures.append(job.cell)
                 say(f"  FAILED {job.cell.tags} (rc {job.proc.returncode}); log {job.log}:\n{tail}")
                 continue
-            record = make_record(job.cell, job.workdir, wall, job.config)
+            record = make_record(job.cell, job.workdir, wall, job.config, cores=len(job.cores))
             append_record(results, record)
             if commit:
                 _git_commit(results, f"study {spec['name']}: {_label(job.cell)}")
@@ -423,8 +428,8 @@ def run(
     return read_records(results)
 
 
-def _launch(cell: Cell, config, root: Path, cores: tuple[int, ...]) -> _Job:
-    workdir = (root / cell.study / cell.key).absolute()
+def _launch(cell: Cell, config, workdir: Path, cores: tuple[int, ...]) -> _Job:
+    workdir = workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "study_cell.json").write_text(json.dumps({"key": cell.key, "tags": cell.tags}) + "\n")
     cmd = [sys.executable, "-m", "jaxsmooth", *cell.command(workdir)[1:]]
@@ -435,6 +440,92 @@ def _launch(cell: Cell, config, root: Path, cores: tuple[int, ...]) -> _Job:
     with log.open("a") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     return _Job(cell, config, workdir, proc, time.time(), cores, log)
+
+
+# Record fields that say when, where and how fast a run went, not what it measured: `reproduce` does not
+# compare them.
+CIRCUMSTANTIAL_FIELDS = ("wall_s", "finished", "jaxsmooth_version", "steps_per_sec", "train_s", "s_per_step",
+                         "cores")  # fmt: skip
+
+
+def compare_records(recorded: dict, reproduced: dict) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """(differences, unrecorded): every measured field whose value differs between a committed record and
+    a rerun of its cell, as (field, recorded, reproduced); and the fields only the rerun has (a record made
+    before the field existed), which are not differences. Values are compared as recorded (floats at 5
+    significant digits), so identical means the rerun matched to the record's precision."""
+    diffs, unrecorded = [], []
+    for k in sorted(set(recorded) | set(reproduced)):
+        if k in CIRCUMSTANTIAL_FIELDS:
+            continue
+        if k not in recorded:
+            unrecorded.append(k)
+        elif recorded[k] != reproduced.get(k):
+            diffs.append((k, recorded[k], reproduced.get(k)))
+    return diffs, unrecorded
+
+
+def reproduce(
+    spec: dict,
+    key: str,
+    *,
+    root: str | Path = Path("runs") / "reproduce",
+    results_dir: str | Path = DEFAULT_RESULTS,
+    cores: int | None = None,
+    keep: bool = False,
+    say=print,
+) -> list[tuple[str, Any, Any]]:
+    """Rerun the finished cell whose key starts with `key` in a fresh workdir under `root` (the study's own
+    workdirs and records are not touched), pinned to as many CPUs as the record says it ran on (1 for
+    records older than that field: the runner pins each cell to cores // jobs, and every committed study
+    ran one cell per core), and compare the new record with the committed one. Returns the differences
+    (empty: reproduced)."""
+    path = results_path(spec, results_dir)
+    records = {r["key"]: r for r in read_records(path)}
+    matches = sorted(k for k in records if k.startswith(key))
+    if not key or not matches:
+        raise StudyError(f"no record of {spec['name']} has a key starting with {key!r} (in {path}); "
+                         "`jaxsmooth study status` lists the cells, the records name their keys")  # fmt: skip
+    if len(matches) > 1:
+        raise StudyError(f"key {key!r} matches {len(matches)} records of {spec['name']}: give more of it")
+    recorded = records[matches[0]]
+    found = [(c, cfg) for c, cfg in (resolve(c) for c in cells(spec)) if c.key == recorded["key"]]
+    if not found:
+        raise StudyError(f"record {recorded['key']} ({recorded.get('tags')}) is not a cell of the spec as it "
+                         f"is now (the spec or the config changed since); check out the code it names "
+                         f"({recorded.get('jaxsmooth_version')}) to rerun it")  # fmt: skip
+    cell, config = found[0]
+    n = cores or recorded.get("cores", 1)
+    cpus = _core_groups(1)[0]  # every CPU this process may use
+    if n > len(cpus):
+        raise StudyError(f"the record ran on {n} CPUs and this process may use {len(cpus)}: rerun it where "
+                         f"{n} are free, or pass --cores (last digits may then differ)")  # fmt: skip
+    Path(root).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{spec['name']}-{cell.key}-", dir=root))
+    say(f"reproducing {spec['name']} {_label(cell)} ({cell.key}) on {n} CPU(s) in {workdir}")
+    job = _launch(cell, config, workdir, tuple(cpus[-n:]))
+    job.proc.wait()
+    if job.proc.returncode != 0 or not (workdir / "summary.json").is_file():
+        tail = job.log.read_text()[-1500:] if job.log.is_file() else ""
+        raise StudyError(f"the rerun failed (rc {job.proc.returncode}); log {job.log}:\n{tail}")
+    reproduced = make_record(cell, workdir, time.time() - job.started, config, cores=n)
+    diffs, unrecorded = compare_records(recorded, reproduced)
+    same = len(set(recorded) - set(CIRCUMSTANTIAL_FIELDS)) - len(diffs)
+    if diffs:
+        say(f"NOT reproduced: {len(diffs)} of {same + len(diffs)} recorded fields differ:")
+        for k, a, b in diffs:
+            say(f"  {k}: recorded {_short(a)}, rerun {_short(b)}")
+    else:
+        say(f"reproduced: all {same} recorded fields identical (test metrics, per-layer profiles, spectra)")
+    if unrecorded:
+        say(f"  (fields the record predates, not compared: {', '.join(unrecorded)})")
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return diffs
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _git_commit(path: Path, message: str) -> None:
@@ -637,7 +728,7 @@ def _figures(spec: dict, records: list[dict], out_dir: Path, metric: str) -> lis
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxsmooth study", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["run", "status", "report"])
+    p.add_argument("action", choices=["run", "status", "report", "reproduce"])
     p.add_argument("spec", help="a study spec file (experiments/studies/<name>.py)")
     p.add_argument("--quick", action="store_true", help="the spec's quick version (minutes)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each pinned to its own cores")
@@ -649,6 +740,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--baseline", default=None,
                    help="report: compare every variant with this one instead of the spec's baseline "
                    "(writes <study>_vs_<variant>.md)")  # fmt: skip
+    p.add_argument("--cell", default=None, help="reproduce: the key (or a unique prefix) of a recorded cell")
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="reproduce: CPUs to pin the rerun to (default: as many as the record ran on)",
+    )
+    p.add_argument("--keep", action="store_true", help="reproduce: keep the rerun's workdir")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs={args.jobs} must be >= 1")
@@ -659,6 +758,13 @@ def main(argv: list[str]) -> int:
         if args.action == "run":
             only = args.only.split(",") if args.only else None
             run(spec, jobs=args.jobs, root=args.root, results_dir=args.results, commit=args.commit, only=only)
+        elif args.action == "reproduce":
+            if not args.cell:
+                raise StudyError("reproduce needs --cell KEY (a record's key, or a unique prefix of it)")
+            root = args.root if args.root != str(DEFAULT_ROOT) else str(Path("runs") / "reproduce")
+            diffs = reproduce(spec, args.cell, root=root, results_dir=args.results, cores=args.cores,
+                              keep=args.keep)  # fmt: skip
+            return 1 if diffs else 0
         elif args.action == "status":
             keys = {r["key"] for r in read_records(results_path(spec, args.results))}
             all_cells = [resolve(c)[0] for c in cells(spec)]

@@ -125,6 +125,27 @@ def test_quick_study_runs_skips_finished_cells_and_reports(tmp_path, monkeypatch
     vs = (tmp_path / "lr_quick_vs_sharpen.md").read_text()
     assert "seed-paired difference to `sharpen`" in vs and "Δ" in vs
     assert study.main([*argv, "--baseline", "nope"]) == 2
+    # Rerunning one recorded cell in a fresh workdir reproduces its record, field for field.
+    lines.clear()
+    rerun = tmp_path / "rerun"
+    diffs = study.reproduce(spec, rec["key"][:8], root=rerun, results_dir=results, say=lines.append)
+    assert diffs == [] and lines[-1].startswith("reproduced: all"), lines
+    assert rec["cores"] == 1 and not any(rerun.iterdir())  # the scratch workdir is removed
+    with pytest.raises(study.StudyError, match="no record"):
+        study.reproduce(spec, "zzzz", root=rerun, results_dir=results)
+
+
+def test_compare_records_names_what_a_rerun_changed():
+    recorded = {"key": "k", "test_accuracy": 0.8713, "profile_final": {"token_cosine": [0.1, 0.2]},
+                "wall_s": 100.0, "jaxsmooth_version": "0.1+abc"}  # fmt: skip
+    same = dict(recorded, wall_s=90.0, jaxsmooth_version="0.1+def", train_s=80.0, eff_wrong_frac_mean=0.0)
+    assert study.compare_records(recorded, same) == ([], ["eff_wrong_frac_mean"])  # timing is not a result
+    changed = dict(recorded, profile_final={"token_cosine": [0.1, 0.21]})
+    del changed["test_accuracy"]
+    assert study.compare_records(recorded, changed)[0] == [
+        ("profile_final", {"token_cosine": [0.1, 0.2]}, {"token_cosine": [0.1, 0.21]}),
+        ("test_accuracy", 0.8713, None),
+    ]
 
 
 def test_training_time_counts_each_step_once_across_restarts(tmp_path):
