@@ -32,6 +32,8 @@ def get_study(quick: bool = False) -> dict:
         "variants": variants,
         "grid": [{"model.depth": 2 if quick else 8}],
         "seeds": [0] if quick else [0, 1, 2],
-        "baseline": None,
-        "report_metrics": ["test_accuracy"],
+        # Each block compared with the same mode's gains held positive: the sign's own effect (v3).
+        "baseline": {f"{m}/{b}": f"{m}/ln-positive" for m in modes for b in ("ln-free", "rms")},
+        "report_metrics": ["test_accuracy", "val_accuracy", "ln1_neg_frac_mean", "eff_wrong_frac_mean",
+                           "cos_final_last", "hfc_lfc_final_last"],  # fmt: skip
     }
