@@ -381,8 +381,11 @@ def run(
             continue
         todo.append((cell, config))
     total = len(all_cells)
-    say(f"study {spec['name']}: {total - len(todo)} of {total} cells done, {len(todo)} to run "
-        f"({jobs} at a time), results in {results}")  # fmt: skip
+    n_done = sum(c.key in done_keys for c, _ in all_cells)
+    left_out = total - n_done - len(todo)
+    others = f"; {left_out} of other variants left out by --only" if left_out else ""
+    say(f"study {spec['name']}: {n_done} of {total} cells done, {len(todo)} to run "
+        f"({jobs} at a time{others}), results in {results}")  # fmt: skip
     if not todo:
         return read_records(results)
     groups = _core_groups(jobs)
@@ -416,7 +419,7 @@ def run(
                 shutil.rmtree(job.workdir, ignore_errors=True)
             cost = _cost(job.config)
             done_cost, done_time, remaining_cost = done_cost + cost, done_time + wall, remaining_cost - cost
-            n_done = total - len(todo) - len(running) - len(failures)
+            n_done += 1
             eta = remaining_cost * done_time / done_cost / max(1, len(groups)) if done_cost else float("nan")
             say(f"  [{n_done}/{total}] {_label(job.cell)}: {_headline(record)} in {wall:.0f} s; "
                 f"study ETA {_hms(eta)}")  # fmt: skip

@@ -95,10 +95,18 @@ def test_quick_study_runs_skips_finished_cells_and_reports(tmp_path, monkeypatch
     spec["name"] = "lr_quick"
     results, root = tmp_path / "results", tmp_path / "runs"
     lines = []
-    records = study.run(spec, jobs=2, root=root, results_dir=results, say=lines.append)
     n = len(spec["variants"]) * len(spec["grid"]) * len(spec["seeds"])
+    nb = len(spec["grid"]) * len(spec["seeds"])  # the baseline's cells
+    # --only runs one variant's cells; the others are neither run nor counted as done.
+    records = study.run(spec, jobs=2, root=root, results_dir=results, only=["baseline"], say=lines.append)
+    assert [r["variant"] for r in records] == ["baseline"] * nb
+    assert lines[0].startswith(f"study lr_quick: 0 of {n} cells done, {nb} to run (2 at a time; {n - nb} of "
+                               "other variants left out by --only)")  # fmt: skip
+    assert lines[-1].startswith(f"  [{nb}/{n}] baseline")
+    lines.clear()
+    records = study.run(spec, jobs=2, root=root, results_dir=results, say=lines.append)
     assert len(records) == n and len({r["key"] for r in records}) == n
-    assert any("ETA" in line for line in lines) and lines[0].startswith(f"study lr_quick: 0 of {n}")
+    assert any("ETA" in line for line in lines) and lines[0].startswith(f"study lr_quick: {nb} of {n}")
     rec = records[0]
     keys = ("command", "seed", "wall_s", "test_accuracy", "val_accuracy", "train_accuracy", "profile_init",
             "profile_final", "ln_gain_neg_frac", "cos_final_last")  # fmt: skip
