@@ -352,9 +352,26 @@ def _core_groups(jobs: int) -> list[tuple[int, ...]]:
 
 
 def _cost(config) -> float:
-    """Relative cost of a cell for the ETA: steps x depth x width^2 x tokens."""
+    """Relative training cost of a cell for the ETA: steps x depth x width^2."""
     m = config.model
     return float(config.train.steps) * m.depth * m.d_model**2
+
+
+def hours_left(done: Sequence[tuple[float, float]], todo: Sequence[float]) -> float:
+    """Hours of runs the cells of cost `todo` will take, from finished cells' (cost, wall seconds): wall
+    time fitted as a + b * cost by least squares (a: start-up, compilation and evaluation, which do not
+    shrink with depth; b: training), or proportional to cost while the finished cells all cost the same.
+    NaN before any cell has finished."""
+    if not done:
+        return float("nan")
+    n = len(done)
+    mc, mw = sum(c for c, _ in done) / n, sum(w for _, w in done) / n
+    var = sum((c - mc) ** 2 for c, _ in done)
+    b = sum((c - mc) * (w - mw) for c, w in done) / var if var > 0 else 0.0
+    a = mw - b * mc
+    if var == 0 or b <= 0 or a < 0:  # one cost, or a fit that makes no sense: proportional
+        a, b = 0.0, mw / mc if mc > 0 else 0.0
+    return sum(a + b * c for c in todo) / 3600
 
 
 def run(
@@ -391,8 +408,9 @@ def run(
     groups = _core_groups(jobs)
     free = list(groups)
     running: list[_Job] = []
-    done_cost, done_time = 0.0, 0.0
-    remaining_cost = sum(_cost(c) for _, c in todo)
+    walls = {r["key"]: r.get("wall_s") for r in read_records(results)}
+    finished = [(_cost(cfg), walls[c.key]) for c, cfg in all_cells if walls.get(c.key)]
+    remaining = {c.key: _cost(cfg) for c, cfg in todo}
     failures = []
     while todo or running:
         while todo and free:
@@ -417,10 +435,9 @@ def run(
                 _git_commit(results, f"study {spec['name']}: {_label(job.cell)}")
             if not keep_workdirs:
                 shutil.rmtree(job.workdir, ignore_errors=True)
-            cost = _cost(job.config)
-            done_cost, done_time, remaining_cost = done_cost + cost, done_time + wall, remaining_cost - cost
+            finished.append((remaining.pop(job.cell.key), wall))
             n_done += 1
-            eta = remaining_cost * done_time / done_cost / max(1, len(groups)) if done_cost else float("nan")
+            eta = hours_left(finished, list(remaining.values())) * 3600 / max(1, len(groups))
             say(f"  [{n_done}/{total}] {_label(job.cell)}: {_headline(record)} in {wall:.0f} s; "
                 f"study ETA {_hms(eta)}")  # fmt: skip
     if failures:
@@ -769,12 +786,18 @@ def main(argv: list[str]) -> int:
                               keep=args.keep)  # fmt: skip
             return 1 if diffs else 0
         elif args.action == "status":
-            keys = {r["key"] for r in read_records(results_path(spec, args.results))}
-            all_cells = [resolve(c)[0] for c in cells(spec)]
-            done = [c for c in all_cells if c.key in keys]
-            print(f"study {spec['name']}: {len(done)} of {len(all_cells)} cells done")
-            for c in all_cells:
-                if c.key not in keys:
+            walls = {r["key"]: r.get("wall_s") or 0.0 for r in read_records(results_path(spec, args.results))}
+            all_cells = [resolve(c) for c in cells(spec)]
+            done = [(_cost(cfg), walls[c.key]) for c, cfg in all_cells if c.key in walls]
+            left = hours_left(done, [_cost(cfg) for c, cfg in all_cells if c.key not in walls])
+            line = f"study {spec['name']}: {len(done)} of {len(all_cells)} cells done"
+            line += f" ({sum(w for _, w in done) / 3600:.2f} h of runs)"
+            if left > 0:
+                line += f"; about {left:.1f} h of runs left"
+                line += f" ({left / args.jobs:.1f} h with --jobs {args.jobs})" if args.jobs > 1 else ""
+            print(line)
+            for c, _ in all_cells:
+                if c.key not in walls:
                     print(f"  to run: {_label(c)}  ({c.key})")
         else:
             records = read_records(results_path(spec, args.results))

@@ -168,3 +168,12 @@ def test_training_time_counts_each_step_once_across_restarts(tmp_path):
     assert study.training_time(path) == {"train_s": 137.0, "s_per_step": round(137 / 98, 4)}
     path.write_text(json.dumps(lines[0]) + "\n")
     assert study.training_time(path) == {}
+
+
+def test_hours_left_fits_fixed_and_per_cost_time():
+    """Deep cells cost more per cell, but every cell pays start-up and evaluation: the estimate fits both, so
+    a study measured on shallow cells is not under- (or, proportionally, over-) estimated at depth."""
+    done = [(2.0, 25 + 10 * 2.0), (4.0, 25 + 10 * 4.0), (8.0, 25 + 10 * 8.0)]
+    assert study.hours_left(done, [32.0, 32.0]) * 3600 == pytest.approx(2 * (25 + 320))
+    assert study.hours_left([(4.0, 60.0)], [8.0]) * 3600 == pytest.approx(120.0)  # one cost: proportional
+    assert math.isnan(study.hours_left([], [8.0]))
