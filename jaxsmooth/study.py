@@ -496,7 +496,7 @@ def reproduce(
 ) -> list[tuple[str, Any, Any]]:
     """Rerun the finished cell whose key starts with `key` in a fresh workdir under `root` (the study's own
     workdirs and records are not touched), pinned to as many CPUs as the record says it ran on (1 for
-    records older than that field: the runner pins each cell to cores // jobs, and every committed study
+    records older than that field: the runner pins each cell to cores // jobs, and the committed studies
     ran one cell per core), and compare the new record with the committed one. Returns the differences
     (empty: reproduced)."""
     path = results_path(spec, results_dir)

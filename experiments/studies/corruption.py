@@ -3,7 +3,8 @@
     severities 1 / 3 / 5, seeded, generated at run time);
   - "train": models trained on corrupted images (2 corruptions x severities 3 / 5), tested on the same
     corruption and on clean images.
-Depth 8, every variant but `free` (_common.SECONDARY_VARIANTS). The corruptions come from imagecorruptions-imaug (jaxsmooth.data.corrupt).
+Depth 8, every variant but `free` (_common.SECONDARY_VARIANTS). The corruptions come from
+imagecorruptions-imaug (jaxsmooth.data.corrupt).
 
     jaxsmooth study run experiments/studies/corruption.py --jobs 2 --commit
 """

@@ -1,6 +1,7 @@
-"""Data efficiency: every variant but `free` (see _common.SECONDARY_VARIANTS) at depth 8 trained on 1,000 / 3,000 / 10,000 / 55,000 images (the
-paper's v1 claim: sharpening helps with fewer data points). Each run keeps the parameters with the best
-validation accuracy (evaluated 10 times), so small sets are early-stopped rather than over-trained.
+"""Data efficiency: every variant but `free` (see _common.SECONDARY_VARIANTS) at depth 8, trained on
+1,000 / 3,000 / 10,000 / 55,000 images (the paper's v1 claim: sharpening helps with fewer data points).
+Each run keeps the parameters with the best validation accuracy (evaluated 10 times), so small sets are
+early-stopped rather than over-trained.
 
     jaxsmooth study run experiments/studies/data_size.py --jobs 2 --commit
 """
