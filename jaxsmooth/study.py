@@ -374,6 +374,14 @@ def hours_left(done: Sequence[tuple[float, float]], todo: Sequence[float]) -> fl
     return sum(a + b * c for c in todo) / 3600
 
 
+def _timings(all_cells: list[tuple[Cell, Any]], records: list[dict]) -> tuple[list, list[float]]:
+    """([(cost, wall seconds)] of the finished cells that record a wall time, [cost] of the cells not
+    finished): what `hours_left` takes."""
+    walls = {r["key"]: r.get("wall_s") for r in records}
+    done = [(_cost(cfg), walls[c.key]) for c, cfg in all_cells if walls.get(c.key)]
+    return done, [_cost(cfg) for c, cfg in all_cells if c.key not in walls]
+
+
 def run(
     spec: dict,
     *,
@@ -391,7 +399,8 @@ def run(
     workdir (checkpoints) once its record is written.
     """
     results = results_path(spec, results_dir)
-    todo, done_keys = [], {r["key"] for r in read_records(results)}
+    records = read_records(results)
+    todo, done_keys = [], {r["key"] for r in records}
     all_cells = [resolve(c) for c in cells(spec)]
     for cell, config in all_cells:
         if cell.key in done_keys or (only and cell.variant not in only):
@@ -408,8 +417,7 @@ def run(
     groups = _core_groups(jobs)
     free = list(groups)
     running: list[_Job] = []
-    walls = {r["key"]: r.get("wall_s") for r in read_records(results)}
-    finished = [(_cost(cfg), walls[c.key]) for c, cfg in all_cells if walls.get(c.key)]
+    finished = _timings(all_cells, records)[0]
     remaining = {c.key: _cost(cfg) for c, cfg in todo}
     failures = []
     while todo or running:
@@ -786,18 +794,20 @@ def main(argv: list[str]) -> int:
                               keep=args.keep)  # fmt: skip
             return 1 if diffs else 0
         elif args.action == "status":
-            walls = {r["key"]: r.get("wall_s") or 0.0 for r in read_records(results_path(spec, args.results))}
+            records = read_records(results_path(spec, args.results))
+            keys = {r["key"] for r in records}
             all_cells = [resolve(c) for c in cells(spec)]
-            done = [(_cost(cfg), walls[c.key]) for c, cfg in all_cells if c.key in walls]
-            left = hours_left(done, [_cost(cfg) for c, cfg in all_cells if c.key not in walls])
-            line = f"study {spec['name']}: {len(done)} of {len(all_cells)} cells done"
+            done, todo = _timings(all_cells, records)
+            left = hours_left(done, todo)
+            n_done = sum(c.key in keys for c, _ in all_cells)
+            line = f"study {spec['name']}: {n_done} of {len(all_cells)} cells done"
             line += f" ({sum(w for _, w in done) / 3600:.2f} h of runs)"
             if left > 0:
                 line += f"; about {left:.1f} h of runs left"
                 line += f" ({left / args.jobs:.1f} h with --jobs {args.jobs})" if args.jobs > 1 else ""
             print(line)
             for c, _ in all_cells:
-                if c.key not in walls:
+                if c.key not in keys:
                     print(f"  to run: {_label(c)}  ({c.key})")
         else:
             records = read_records(results_path(spec, args.results))
