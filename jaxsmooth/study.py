@@ -16,7 +16,14 @@ A study is a committed spec file whose `get_study(quick)` returns a dict:
                                                # (+ "tags": {...}: labels that are not config fields)
      "seeds": [0, 1, 2],                       # each sets train.seed and data.seed
      "x": "model.depth",                       # optional: the grid field the report plots against
-     "metric": "test_accuracy"}                # optional: the headline metric (default by task)
+     "metric": "test_accuracy",                # optional: the headline metric (default by task)
+     "report_metrics": [...],                  # optional: the metrics tabulated ("a/b" reaches into a
+                                               #   dict field, "a/mean" is the mean of its entries)
+     "label": ["trained_on"],                  # optional: the tags that name a grid point in tables
+     "profile_point": {"trained_on": "clean"}, # optional: the grid point of the per-layer profile figure
+                                               #   (default: the last)
+     "curves": {...}}                          # optional: metrics against a value at one grid point,
+                                               #   one panel each (`_curve_figure`)
 
 Every cell (variant x grid point x seed) is one `jaxsmooth train` run in its own workdir
 `<root>/<study>/<key>`, where the key is a hash of the study name and the cell's full resolved config: two
@@ -620,12 +627,28 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, 
 
 
 def _get(record: dict, metric: str) -> float | None:
-    """A metric of a record; "a/b" reaches into a dict field (e.g. test_corrupted/gaussian_noise:3)."""
+    """A metric of a record; "a/b" reaches into a dict field (e.g. test_corrupted/gaussian_noise:3), and
+    "a/mean" is the mean of a dict field's numeric entries (e.g. over every corrupted test set)."""
     head, _, rest = metric.partition("/")
     v = record.get(head)
     if rest and isinstance(v, dict):
+        if rest == "mean" and "mean" not in v:
+            nums = [x for x in v.values() if isinstance(x, int | float)]
+            return sum(nums) / len(nums) if nums else None
         v = v.get(rest)
+    elif rest:
+        return None
     return v if isinstance(v, int | float) else None
+
+
+def _matches(record: dict, point: dict) -> bool:
+    return all(record["tags"].get(k) == v for k, v in point.items())
+
+
+def point_label(spec: dict, point: dict) -> str:
+    """How a table names a grid point: the tags in spec["label"] (default: every tag), short names."""
+    keys = spec.get("label") or list(point)
+    return ", ".join(f"{k.split('.')[-1]}={point[k]}" for k in keys if k in point)
 
 
 def baselines(spec: dict) -> dict[str, str]:
@@ -642,13 +665,16 @@ def baselines(spec: dict) -> dict[str, str]:
 def table(records: list[dict], spec: dict, metric: str, fmt: str = ".4f") -> str:
     """Markdown: one row per grid point, one column per variant: mean +/- std over seeds, and below each
     compared variant its seed-paired difference to its baseline (`baselines`) with a 95% CI (* when it
-    excludes 0)."""
+    excludes 0). A grid point where no record has the metric (a corruption it was not tested on) has no
+    row."""
     variants = list(spec["variants"])
     compare = baselines(spec)
     lines = ["| grid point | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
     for point in map(point_tags, spec["grid"]):
-        recs = [r for r in records if all(r["tags"].get(k) == v for k, v in point.items())]
+        recs = [r for r in records if _matches(r, point)]
         by = {v: {r["seed"]: _get(r, metric) for r in recs if r["variant"] == v} for v in variants}
+        if recs and all(x is None for b in by.values() for x in b.values()):
+            continue
         cells_ = []
         for v in variants:
             m, s, n = mean_std(by[v].values())
@@ -659,8 +685,7 @@ def table(records: list[dict], spec: dict, metric: str, fmt: str = ".4f") -> str
                     star = "*" if abs(d) > half else ""
                     text += f"<br>Δ {d:+{fmt}} ± {half:{fmt}}{star}"
             cells_.append(f"{text} (n={n})" if n and n < len(spec["seeds"]) else text)
-        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
-        lines.append(f"| {label} | " + " | ".join(cells_) + " |")
+        lines.append(f"| {point_label(spec, point)} | " + " | ".join(cells_) + " |")
     return "\n".join(lines)
 
 
@@ -676,6 +701,7 @@ def report(
     name = spec["name"]
     metric = spec.get("metric") or ("test_bpc" if any("test_bpc" in r for r in records) else "test_accuracy")
     metrics = list(metrics or spec.get("report_metrics") or [metric, "train_accuracy", "val_accuracy"])
+    metrics = list(dict.fromkeys(metrics))  # each metric tabulated once, in the order first named
     metrics = [m for m in metrics if any(_get(r, m) is not None for r in records)]
     source = spec.get("spec_path", "")
     intro = f"{len(records)} runs from `{source}`; mean ± std over seeds{_compared(spec)}"
@@ -712,10 +738,7 @@ def _figures(spec: dict, records: list[dict], out_dir: Path, metric: str) -> lis
         for v in variants:
             xs, ms, ss = [], [], []
             for point in map(point_tags, spec["grid"]):
-                match = lambda r, v=v, point=point: (
-                    r["variant"] == v and all(r["tags"].get(k) == p for k, p in point.items())
-                )
-                vals = [_get(r, metric) for r in records if match(r)]
+                vals = [_get(r, metric) for r in records if r["variant"] == v and _matches(r, point)]
                 m, s, n = mean_std(vals)
                 if n:
                     xs.append(point[x_field]), ms.append(m), ss.append(0.0 if n < 2 else s)
@@ -728,9 +751,12 @@ def _figures(spec: dict, records: list[dict], out_dir: Path, metric: str) -> lis
         ax.legend(fontsize=8)
         paths.append(out_dir / f"{spec['name']}_{metric.replace('/', '_')}.png")
         FigureCanvasAgg(fig).print_png(str(paths[-1]))
-    # Per-layer token cosine at init and at the end, for the largest grid point, averaged over seeds.
-    point = point_tags(spec["grid"][-1])
-    recs = [r for r in records if all(r["tags"].get(k) == p for k, p in point.items())]
+    if spec.get("curves"):
+        paths.append(_curve_figure(spec, records, out_dir))
+    # Per-layer token cosine at init and at the end, for the largest grid point (or the spec's
+    # profile_point), averaged over seeds.
+    point = spec.get("profile_point") or point_tags(spec["grid"][-1])
+    recs = [r for r in records if _matches(r, point)]
     if any(r.get("profile_final") for r in recs):
         fig = Figure(figsize=(10, 4), layout="constrained")
         axes = fig.subplots(1, 2)
@@ -749,6 +775,37 @@ def _figures(spec: dict, records: list[dict], out_dir: Path, metric: str) -> lis
         paths.append(out_dir / f"{spec['name']}_profiles.png")
         FigureCanvasAgg(fig).print_png(str(paths[-1]))
     return paths
+
+
+def _curve_figure(spec: dict, records: list[dict], out_dir: Path) -> Path:
+    """`<study>_curves.png`: spec["curves"] = {"point": {tag: value}, "xlabel": str, "ylabel": str,
+    "panels": {title: [(x, metric), ...]}}; one panel per title, the records at that grid point, one line
+    per variant (mean ± std over seeds) through its metrics at their x (e.g. accuracy against severity,
+    one panel per corruption)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    c = spec["curves"]
+    recs = [r for r in records if _matches(r, c.get("point", {}))]
+    panels = c["panels"]
+    fig = Figure(figsize=(3.2 * len(panels), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (title, pts) in zip(axes, panels.items(), strict=True):
+        for v in spec["variants"]:
+            xs, ms, ss = [], [], []
+            for x, metric in pts:
+                m, s, n = mean_std(_get(r, metric) for r in recs if r["variant"] == v)
+                if n:
+                    xs.append(x), ms.append(m), ss.append(0.0 if n < 2 else s)
+            if xs:
+                ax.errorbar(xs, ms, yerr=ss, marker="o", ms=3, capsize=2, label=v)
+        ax.set(title=title, xlabel=c.get("xlabel", ""))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(c.get("ylabel", "mean ± std over seeds"))
+    axes[-1].legend(fontsize=7)
+    path = out_dir / f"{spec['name']}_curves.png"
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -177,3 +177,35 @@ def test_hours_left_fits_fixed_and_per_cost_time():
     assert study.hours_left(done, [32.0, 32.0]) * 3600 == pytest.approx(2 * (25 + 320))
     assert study.hours_left([(4.0, 60.0)], [8.0]) * 3600 == pytest.approx(120.0)  # one cost: proportional
     assert math.isnan(study.hours_left([], [8.0]))
+
+
+def test_corruption_report_names_points_by_label_and_tabulates_each_metric_once(tmp_path):
+    """The corruption spec's report, on made-up records: a grid point is named by its `trained_on` tag, a
+    metric named twice is tabulated once, a grid point that was not tested on a corruption has no row in
+    its table, "test_corrupted/mean" averages a record's corrupted test sets, and the severity figure is
+    drawn."""
+    spec = study.load_spec(SPECS / "corruption.py", quick=True)
+    assert len(spec["report_metrics"]) > len(set(spec["report_metrics"]))  # the spec names one twice
+    records = []
+    for point in map(study.point_tags, spec["grid"]):
+        for seed in (0, 1):
+            for i, v in enumerate(spec["variants"]):
+                corr = {c: 0.5 + 0.1 * i + 0.01 * seed for c in point["data.eval_corruptions"].split(",")}
+                corr = {k: x - 0.02 * n for n, (k, x) in enumerate(corr.items())}
+                records.append({"variant": v, "seed": seed, "tags": {"variant": v, "seed": seed, **point},
+                                "test_accuracy": 0.8 + 0.01 * i, "test_corrupted": corr})  # fmt: skip
+    clean = [r for r in records if r["tags"]["trained_on"] == "clean"][0]
+    mean = np.mean(list(clean["test_corrupted"].values()))
+    assert study._get(clean, "test_corrupted/mean") == pytest.approx(mean)
+    assert study._get(clean, "test_accuracy/mean") is None  # not a dict field: no value
+    text = study.report(spec, records, tmp_path).read_text()
+    metrics = [line[4:] for line in text.splitlines() if line.startswith("### ")]
+    assert len(metrics) == len(set(metrics)) and "test_corrupted/mean" in metrics
+    trained = [p["tags"]["trained_on"] for p in spec["grid"] if p["tags"]["trained_on"] != "clean"]
+    blur = text.split("### test_corrupted/defocus_blur:3")[1].split("###")[0]
+    assert "| trained_on=clean |" in blur and not any(f"trained_on={t} " in blur for t in trained)
+    assert "eval_corruptions=" not in text  # the label names the point, not every override
+    # Sharpen is +0.1 on every corrupted set of every seed: the paired difference says so, exactly.
+    assert "Δ +0.1000 ± 0.0000" in text.split("### test_corrupted/mean")[1].split("###")[0]
+    assert (tmp_path / "corruption_curves.png").is_file()
+    assert not (tmp_path / "corruption_profiles.png").exists()  # these records carry no profiles

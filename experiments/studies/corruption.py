@@ -37,7 +37,21 @@ def get_study(quick: bool = False) -> dict:
         "variants": common.variants_with_lr(variants, quick),
         "grid": grid,
         "seeds": [0] if quick else [0, 1, 2],
-        "report_metrics": ["test_accuracy"]
+        # test_corrupted/mean: a clean-trained model's mean over its corrupted test sets (for a model
+        # trained on a corruption, its one test set of that corruption).
+        "report_metrics": ["test_accuracy", "test_corrupted/mean"]
         + [f"test_corrupted/{c}:{s}" for c in test_c for s in severities]
         + [f"test_corrupted/{c}:{s}" for c in TRAIN_CORRUPTIONS for s in (3, 5)],
+        "label": ["trained_on"],
+        "profile_point": {"trained_on": "clean"},
+        # Clean-trained models: accuracy against severity (0 = the clean test set), one panel a corruption.
+        "curves": {
+            "point": {"trained_on": "clean"},
+            "xlabel": "severity (0 = clean)",
+            "ylabel": "test accuracy (mean ± std over seeds)",
+            "panels": {
+                c: [(0, "test_accuracy")] + [(s, f"test_corrupted/{c}:{s}") for s in severities]
+                for c in test_c
+            },  # fmt: skip
+        },
     }
