@@ -31,6 +31,7 @@ def get_study(quick: bool = False) -> dict:
         # train_fraction of the images left after the validation split (data.prepare carves it first).
         "grid": [{"data.train_fraction": round(n / base, 6), "tags": {"train_images": n}} for n in sizes],
         "seeds": [0] if quick else [0, 1, 2],
+        "label": ["train_images"],
         "x": "train_images",
         "log_x": True,
         "report_metrics": ["test_accuracy", "train_accuracy", "val_accuracy"],
