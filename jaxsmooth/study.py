@@ -243,10 +243,25 @@ def make_record(cell: Cell, workdir: Path, wall_s: float, config, cores: int | N
     }  # fmt: skip
     if cores is not None:
         rec["cores"] = cores
+    rec["cpu"] = cpu_model()
     rec.update({k: _round(_compact(summary[k])) for k in RECORD_FIELDS if k in summary})
     rec.update(_derived(rec))
     rec.update(training_time(workdir / "metrics.jsonl"))
     return rec
+
+
+def cpu_model() -> str:
+    """The processor's model name (records carry it: XLA's CPU kernels differ between processors, so a
+    cell rerun on another one matches its record only to within float rounding grown over the run)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def training_time(metrics_path: Path) -> dict:
@@ -480,7 +495,7 @@ def _launch(cell: Cell, config, workdir: Path, cores: tuple[int, ...]) -> _Job:
 # Record fields that say when, where and how fast a run went, not what it measured: `reproduce` does not
 # compare them.
 CIRCUMSTANTIAL_FIELDS = ("wall_s", "finished", "jaxsmooth_version", "steps_per_sec", "train_s", "s_per_step",
-                         "cores")  # fmt: skip
+                         "cores", "cpu")  # fmt: skip
 
 
 def compare_records(recorded: dict, reproduced: dict) -> tuple[list[tuple[str, Any, Any]], list[str]]:
@@ -537,6 +552,12 @@ def reproduce(
     Path(root).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{spec['name']}-{cell.key}-", dir=root))
     say(f"reproducing {spec['name']} {_label(cell)} ({cell.key}) on {n} CPU(s) in {workdir}")
+    here, there = cpu_model(), recorded.get("cpu")
+    other_cpu = there != here
+    if other_cpu:
+        say(f"  note: the record ran on {there or 'a processor it does not name (older record)'}, this is "
+            f"{here}; on another processor XLA's kernels round differently and the fields may differ by "
+            "about seed noise (rerun on the record's processor for an exact check)")  # fmt: skip
     job = _launch(cell, config, workdir, tuple(cpus[-n:]))
     job.proc.wait()
     if job.proc.returncode != 0 or not (workdir / "summary.json").is_file():
@@ -549,6 +570,8 @@ def reproduce(
         say(f"NOT reproduced: {len(diffs)} of {same + len(diffs)} recorded fields differ:")
         for k, a, b in diffs:
             say(f"  {k}: recorded {_short(a)}, rerun {_short(b)}")
+        if other_cpu:
+            say("  (on another processor than the record's: see the note above)")
     else:
         say(f"reproduced: all {same} recorded fields identical (test metrics, per-layer profiles, spectra)")
     if unrecorded:

@@ -139,6 +139,7 @@ def test_quick_study_runs_skips_finished_cells_and_reports(tmp_path, monkeypatch
     diffs = study.reproduce(spec, rec["key"][:8], root=rerun, results_dir=results, say=lines.append)
     assert diffs == [] and lines[-1].startswith("reproduced: all"), lines
     assert rec["cores"] == 1 and not any(rerun.iterdir())  # the scratch workdir is removed
+    assert rec["cpu"] == study.cpu_model() and not any("note:" in line for line in lines)  # same processor
     with pytest.raises(study.StudyError, match="no record"):
         study.reproduce(spec, "zzzz", root=rerun, results_dir=results)
 
@@ -146,7 +147,8 @@ def test_quick_study_runs_skips_finished_cells_and_reports(tmp_path, monkeypatch
 def test_compare_records_names_what_a_rerun_changed():
     recorded = {"key": "k", "test_accuracy": 0.8713, "profile_final": {"token_cosine": [0.1, 0.2]},
                 "wall_s": 100.0, "jaxsmooth_version": "0.1+abc"}  # fmt: skip
-    same = dict(recorded, wall_s=90.0, jaxsmooth_version="0.1+def", train_s=80.0, eff_wrong_frac_mean=0.0)
+    same = dict(recorded, wall_s=90.0, jaxsmooth_version="0.1+def", train_s=80.0, eff_wrong_frac_mean=0.0,
+                cpu="another processor")  # fmt: skip
     assert study.compare_records(recorded, same) == ([], ["eff_wrong_frac_mean"])  # timing is not a result
     changed = dict(recorded, profile_final={"token_cosine": [0.1, 0.21]})
     del changed["test_accuracy"]
