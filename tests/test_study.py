@@ -53,6 +53,12 @@ def test_bad_spec_names_the_problem(tmp_path):
                      "{'a': {}, 'b': {}}, 'grid': [{}], 'seeds': [0], 'baseline': {'b': 'c'}}\n")  # fmt: skip
     with pytest.raises(study.StudyError, match=r"unknown variant\(s\) \['c'\]"):
         study.load_spec(wrong)
+    label = tmp_path / "label.py"
+    label.write_text("def get_study(quick):\n    return {'name': 'x', 'config': 'digits', 'variants': "
+                     "{'a': {}}, 'grid': [{'model.depth': 2}], 'seeds': [0], "
+                     "'label': ['depht']}\n")  # fmt: skip
+    with pytest.raises(study.StudyError, match=r"label names \['depht'\]"):
+        study.load_spec(label)
 
 
 def test_every_spec_loads_and_names_its_comparisons(tmp_path, monkeypatch):
