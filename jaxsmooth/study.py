@@ -135,9 +135,9 @@ def load_spec(path: str | Path, quick: bool = False) -> dict:
         raise StudyError(f"study spec {path}: baseline names unknown variant(s) {unknown}; "
                          f"variants are {list(spec['variants'])}")  # fmt: skip
     tags = [point_tags(pt) for pt in spec["grid"]]
-    named = {"label": spec.get("label") or [], "profile_point": spec.get("profile_point") or {},
-             "curves.point": (spec.get("curves") or {}).get("point") or {}}  # fmt: skip
-    for what, keys in named.items():
+    tag_refs = {"label": spec.get("label") or [], "profile_point": spec.get("profile_point") or {},
+                "curves.point": (spec.get("curves") or {}).get("point") or {}}  # fmt: skip
+    for what, keys in tag_refs.items():
         bad = sorted(k for k in keys if not all(k in t for t in tags))
         if bad:
             raise StudyError(f"study spec {path}: {what} names {bad}, which not every grid point has; "
