@@ -470,13 +470,13 @@ def run(
             record = make_record(job.cell, job.workdir, wall, job.config, cores=len(job.cores))
             append_record(results, record)
             if commit:
-                _git_commit(results, f"study {spec['name']}: {_label(job.cell)}")
+                _git_commit(results, f"study {spec['name']}: {_label(spec, job.cell)}")
             if not keep_workdirs:
                 shutil.rmtree(job.workdir, ignore_errors=True)
             finished.append((remaining.pop(job.cell.key), wall))
             n_done += 1
             eta = hours_left(finished, list(remaining.values())) * 3600 / max(1, len(groups))
-            say(f"  [{n_done}/{total}] {_label(job.cell)}: {_headline(record)} in {wall:.0f} s; "
+            say(f"  [{n_done}/{total}] {_label(spec, job.cell)}: {_headline(record)} in {wall:.0f} s; "
                 f"study ETA {_hms(eta)}")  # fmt: skip
     if failures:
         raise StudyError(
@@ -559,7 +559,7 @@ def reproduce(
                          f"{n} are free, or pass --cores (last digits may then differ)")  # fmt: skip
     Path(root).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{spec['name']}-{cell.key}-", dir=root))
-    say(f"reproducing {spec['name']} {_label(cell)} ({cell.key}) on {n} CPU(s) in {workdir}")
+    say(f"reproducing {spec['name']} {_label(spec, cell)} ({cell.key}) on {n} CPU(s) in {workdir}")
     here, there = cpu_model(), recorded.get("cpu")
     other_cpu = there != here
     if other_cpu:
@@ -604,9 +604,11 @@ def _git_commit(path: Path, message: str) -> None:
         print(f"  (could not commit {path}: {e})", file=sys.stderr)
 
 
-def _label(cell: Cell) -> str:
-    point = ",".join(f"{k.split('.')[-1]}={v}" for k, v in cell.point.items())
-    return f"{cell.variant} {point} seed {cell.seed}"
+def _label(spec: dict, cell: Cell) -> str:
+    """How progress lines and commit messages name a cell: its variant, its grid point as the tables
+    name it (spec["label"]), its seed."""
+    point = point_label(spec, cell.point)
+    return f"{cell.variant} {point} seed {cell.seed}" if point else f"{cell.variant} seed {cell.seed}"
 
 
 def _headline(record: dict) -> str:
@@ -896,7 +898,7 @@ def main(argv: list[str]) -> int:
             print(line)
             for c, _ in all_cells:
                 if c.key not in keys:
-                    print(f"  to run: {_label(c)}  ({c.key})")
+                    print(f"  to run: {_label(spec, c)}  ({c.key})")
         else:
             records = read_records(results_path(spec, args.results))
             if not records:
