@@ -260,14 +260,36 @@ class Checkpoints:
                 ) from None
         _sync(f"jaxsmooth_ckpt_save_{step}")
 
-    def _remove_partial(self, step: int) -> None:
+    def _remove_partial(self, step: int, settle_s: float = 0.3, deadline_s: float = 10.0) -> None:
+        """Remove what a failed save of `step` left behind.
+
+        When one of Orbax's writers fails, the error reaches us while TensorStore's other writers may still
+        be finishing into the temporary directory (and can recreate it after one rmtree). So remove, then
+        keep checking until the partial paths have stayed absent for `settle_s` (or `deadline_s` passes).
+        """
         if not self.primary:
             return
-        for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(p, ignore_errors=True)
         step_dir = self.directory / str(step)
-        if step_dir.is_dir() and not (step_dir / "commit_success.txt").exists():
-            shutil.rmtree(step_dir, ignore_errors=True)
+
+        def partial() -> list[Path]:
+            found = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+            if step_dir.is_dir() and not (step_dir / "commit_success.txt").exists():
+                found.append(step_dir)
+            return found
+
+        deadline = time.monotonic() + deadline_s
+        absent_since = None
+        while time.monotonic() < deadline:
+            left = partial()
+            if left:
+                absent_since = None
+                for p in left:
+                    shutil.rmtree(p, ignore_errors=True)
+            elif absent_since is None:
+                absent_since = time.monotonic()
+            elif time.monotonic() - absent_since >= settle_s:
+                return
+            time.sleep(0.02)
 
     def inspect(self) -> list[int]:
         """Check every step's files and metadata (no arrays are read: cheap, and done before compiling).
