@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxsmooth import tblog, theory
+from jaxsmooth import jsonl, tblog, theory
 from jaxsmooth import workdir as wd
 from jaxsmooth.config import ModelConfig
 
@@ -37,6 +37,9 @@ class MetricsLog:
         """Keep records with step <= `step` (a resumed run re-logs the later ones identically)."""
         if not (self.enabled and self.path.exists()):
             return
+        # A torn last line (the previous process was killed mid-write) goes to metrics.jsonl.torn first,
+        # bytes kept, rather than vanishing in the rewrite below.
+        jsonl.repair_torn_tail(self.path)
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         wd.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._seen = {(r.get("type"), r.get("step"), r.get("split")) for r in kept}
@@ -47,10 +50,11 @@ class MetricsLog:
             return  # e.g. the final eval of a finished run that is rerun unchanged
         self._seen.add(key)
         try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            # On a fresh line (a torn tail is set aside first). No fsync, as before: after a crash the steps
+            # logged since the last checkpoint are redone and logged again anyway.
+            jsonl.append_line(self.path, record, fsync=False)
         except OSError as e:
-            if wd.is_disk_full(e):  # a torn last line is dropped by the next start's truncate_after
+            if wd.is_disk_full(e):  # a torn last line is set aside by the next start's truncate_after
                 raise wd.disk_full_error(self.path, e) from None
             raise
         if self.tensorboard is not None:  # the same records, as TensorBoard events
@@ -61,14 +65,9 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl (a torn or garbled line, from a killed writer, is skipped)."""
-    records = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """All records of a metrics.jsonl. A torn last line from a killed writer is skipped with a
+    jsonl.TornLineWarning; a damaged line before it raises jsonl.JsonlError naming the file and line."""
+    return jsonl.read_jsonl(path)
 
 
 def host_record(step: int, m: dict, alpha: float, residual: str = "pre_ln", value_norm: str = "rms") -> dict:

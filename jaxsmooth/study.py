@@ -53,9 +53,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from jaxsmooth import jsonl
 
 PROTOCOL = 1  # bumped when what a record means changes (keys of old records then differ)
 DEFAULT_ROOT = Path("runs") / "studies"
@@ -212,29 +215,19 @@ def results_path(spec: dict, results_dir: str | Path = DEFAULT_RESULTS) -> Path:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """The records of a results file (a torn last line from a killed writer is skipped)."""
+    """The records of a results file ([] if it does not exist). A torn last line from a killed writer is
+    skipped with a jsonl.TornLineWarning; a damaged line before it raises jsonl.JsonlError naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return jsonl.read_jsonl(path)
 
 
 def append_record(path: Path, record: dict) -> None:
-    """One line, appended and fsynced: a crash leaves the earlier records intact."""
+    """One line, appended and fsynced: a crash leaves the earlier records intact. The line starts on a
+    fresh line: a torn tail left by a killed writer is first set aside in <path>.torn (jsonl.append_line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    jsonl.append_line(path, json.dumps(record, sort_keys=True), fsync=True)
 
 
 def make_record(cell: Cell, workdir: Path, wall_s: float, config, cores: int | None = None) -> dict:
@@ -279,14 +272,10 @@ def training_time(metrics_path: Path) -> dict:
     each other in one process."""
     total, steps, last = 0.0, 0, None
     try:
-        lines = metrics_path.read_text().splitlines()
+        records = jsonl.read_jsonl(metrics_path)  # a torn last line is skipped, with a warning
     except OSError:
         return {}
-    for line in lines:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for r in records:
         if r.get("type") == "event" and r.get("event") == "resumed":
             last = None  # the next record starts a new process: no interval across the restart
         elif r.get("type") == "train":
@@ -845,6 +834,24 @@ def _curve_figure(spec: dict, records: list[dict], out_dir: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    """`jaxsmooth study ...`: 0 on success, 2 on a user error (printed). A torn last line that a read of a
+    results file skipped is said on stderr as one plain "jaxsmooth study: warning: ..." line."""
+    with warnings.catch_warnings():
+        # Shown once per file and line, whatever the user's warning filters say: it is about records.
+        warnings.simplefilter("default", jsonl.TornLineWarning)
+        show = warnings.showwarning
+
+        def show_plain(message, category, *args, **kwargs):
+            if issubclass(category, jsonl.TornLineWarning):
+                print(f"jaxsmooth study: warning: {message}", file=sys.stderr, flush=True)
+            else:  # anything else (a library's warning) as Python shows it
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show_plain  # restored by catch_warnings on the way out
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxsmooth study", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["run", "status", "report", "reproduce"])
     p.add_argument("spec", help="a study spec file (experiments/studies/<name>.py)")
@@ -911,7 +918,7 @@ def main(argv: list[str]) -> int:
                 records = [dict(r, study=spec["name"]) for r in records]
             path = report(spec, records, args.out or args.results)
             print(f"wrote {path}")
-    except StudyError as e:
+    except (StudyError, jsonl.JsonlError) as e:  # JsonlError: a damaged line of a results file, named
         print(f"jaxsmooth study: error: {e}", file=sys.stderr)
         return 2
     return 0

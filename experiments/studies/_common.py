@@ -8,8 +8,9 @@ test set is evaluated once, at the end, on the parameters the validation split s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from jaxsmooth import study
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -62,7 +63,7 @@ def chosen_lr(variant: str, quick: bool) -> float:
     path = RESULTS / "lr.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the lr study first (experiments/studies/lr.py)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = study.read_records(path)  # a torn last line is skipped with a warning, not a crash
     by_lr: dict[float, list[float]] = {}
     for r in records:
         if r["variant"] == variant and r.get("val_accuracy") is not None:

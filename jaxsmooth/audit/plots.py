@@ -17,10 +17,11 @@ object API with the Agg canvas: no pyplot global state, works headless.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from jaxsmooth import jsonl
 
 _EFFECT_COLOURS = {"smooth": "tab:red", "sharpen": "tab:blue"}
 
@@ -179,13 +180,7 @@ def _records(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {workdir} (is it a `jaxsmooth train` workdir?)")
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line from a killed writer
-            continue
-    return out
+    return jsonl.read_jsonl(path)  # a torn last line is skipped with a warning, a bad middle line is an error
 
 
 def plot_run(workdir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
