@@ -48,6 +48,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxsmooth import linalg
+
 # Keys of ``layer_stats`` (batch-averaged scalars), stable so per-layer [L] arrays keep their names:
 #   token_cosine   mean pairwise cosine of distinct real tokens (1 = all tokens parallel)
 #   hfc_lfc        ||HC[X]||_F / ||DC[X]||_F (0 = all tokens equal, grows when sharpening)
@@ -195,7 +197,7 @@ def dirichlet_energy(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> j
 
 
 def _svals(x_BxTxD: jax.Array) -> jax.Array:
-    return jnp.linalg.svd(x_BxTxD, compute_uv=False)
+    return linalg.svdvals(x_BxTxD)  # deadlock-free on multi-device CPU (jaxsmooth/linalg.py)
 
 
 @jax.jit

@@ -21,15 +21,15 @@ derivative does not exist.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxsmooth import linalg
 from jaxsmooth.config import Spectrum
+from jaxsmooth.linalg import limit_lapack_threads  # noqa: F401  (public name, kept here too)
 
 Theta = Any  # jnp.ndarray [D, D] (orthogonal basis) or dict(u=[D, D], w=[D, D], s=[D]) (general basis)
 
@@ -39,47 +39,11 @@ _R_FLOOR = (
 )
 
 
-@functools.cache
-def limit_lapack_threads(n: int = 1) -> bool:
-    """Cap the BLAS thread pool under jax's CPU LAPACK kernels (QR, triangular solve) at `n` threads.
-
-    On CPU, jnp.linalg.qr and lax.linalg.triangular_solve are custom calls into scipy's LAPACK, which runs
-    on scipy's OpenBLAS thread pool: a second pool beside XLA's, which already occupies every core. Each
-    192 x 192 QR then splits across threads that have to wait for a core, and OpenBLAS's worker threads
-    keep spinning after every call, taking a core from XLA's matmuls. Measured on 2 cores (ViT-Tiny train
-    step, experiments/benchmarks/README.md): the spectral model took 2.4x the unconstrained one with the
-    default pool and about 1.0x with one thread. The spectral layers call this once, when first traced.
-
-    Only OpenBLAS libraries that belong to scipy are capped (numpy's own copy, which user code calls,
-    keeps its threads); where scipy shares one BLAS with numpy (e.g. conda) that one is left alone too.
-    Set JAXSMOOTH_LAPACK_THREADS=0 to leave every pool untouched. Returns whether a pool was capped.
-    """
-    if os.environ.get("JAXSMOOTH_LAPACK_THREADS", "1") == "0":
-        return False
-    try:
-        import scipy
-        import scipy.linalg.cython_lapack  # noqa: F401  (loads the LAPACK jaxlib's kernels call)
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return False
-    scipy_dir = os.path.dirname(os.path.abspath(scipy.__file__))
-    controller = ThreadpoolController()
-    mine = [
-        lib
-        for lib in controller.lib_controllers
-        if lib.internal_api == "openblas"
-        and (lib.filepath.startswith(scipy_dir) or f"{os.sep}scipy.libs{os.sep}" in lib.filepath)
-    ]
-    for lib in mine:
-        lib.set_num_threads(n)
-    return bool(mine)
-
-
 def _qr_positive(theta_DxD: jnp.ndarray):
     """QR of theta / max|theta| with diag(R) >= 0 (the unique QR for full-rank input), and the scale."""
     peak = jnp.max(jnp.abs(theta_DxD))
     scale = jnp.where(peak > _TINY, peak, 1.0)  # all-zero (or subnormal) theta: QR of zeros, Q = I
-    q, r = jnp.linalg.qr(theta_DxD / scale)
+    q, r = linalg.qr(theta_DxD / scale)  # deadlock-free on multi-device CPU (jaxsmooth/linalg.py)
     sign_D = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
     return q * sign_D[None, :], r * sign_D[:, None], scale
 
@@ -87,7 +51,6 @@ def _qr_positive(theta_DxD: jnp.ndarray):
 @jax.custom_jvp
 def orthogonal(theta_DxD: jnp.ndarray) -> jnp.ndarray:
     """Q factor of QR(theta) with positive diag(R): an orthogonal matrix for ANY finite theta."""
-    limit_lapack_threads()
     return _qr_positive(theta_DxD)[0]
 
 
@@ -96,12 +59,11 @@ def _orthogonal_jvp(primals, tangents):
     # X = QR  =>  Q^T dX R^-1 = Q^T dQ + dR R^-1, with Q^T dQ skew and dR R^-1 upper triangular, so
     # dQ = Q (L - L^T) with L = strict lower triangle of Q^T dX R^-1 (the square case of JAX's qr_jvp).
     (theta,), (dtheta,) = primals, tangents
-    limit_lapack_threads()
     q, r, scale = _qr_positive(theta)
     d_D = jnp.diagonal(r)
     floor = _R_FLOOR  # in units of the normalised theta, whose largest entry is 1
     r_safe = r + jnp.diag(jnp.maximum(d_D, floor) - d_D)
-    dx_rinv = jax.lax.linalg.triangular_solve(r_safe, dtheta / scale, left_side=False, lower=False)
+    dx_rinv = linalg.solve_upper_right(r_safe, dtheta / scale)  # dtheta R^-1, transposable
     low = jnp.tril(q.T @ dx_rinv, -1)
     return q, q @ (low - low.T)
 
