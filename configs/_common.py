@@ -218,6 +218,8 @@ def train(quick: bool, *, steps: int, **overrides: Any) -> ml_collections.Config
     c.tensorboard = True  # also write TensorBoard event files to DIR/tensorboard (when tensorboardX is there)
     c.model_parallel = 1  # devices along the mesh's "model" axis (> 1: a 2-D ("data", "model") mesh)
     c.param_sharding = "replicated"  # replicated / tensor_parallel / fsdp / fsdp_tp (parallel.RULES)
+    # Step watchdog (jaxsmooth.watchdog): no step done in this many seconds -> stacks, exit 124.
+    c.step_timeout_s = -1.0  # -1 = scaled to the step time (max(300 s, 100x the median)); 0 = off
     return _override(c, overrides, "train")
 
 

@@ -177,7 +177,7 @@ def cells(spec: dict) -> list[Cell]:
 # added before any study record existed stay in the key; workdir.ADDED_FIELDS lists every added field).
 ADDED_FIELDS = {
     "model.drop_path": 0.0, "data.random_crop_pad": 0, "data.random_flip": False, "data.mixup_alpha": 0.0,
-    "data.cutmix_alpha": 0.0, "train.label_smoothing": 0.0,
+    "data.cutmix_alpha": 0.0, "train.label_smoothing": 0.0, "train.step_timeout_s": -1.0,
 }  # fmt: skip
 
 

@@ -33,12 +33,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsmooth import augment, checkpoint, optim, parallel, runlog, runtime, tblog
+from jaxsmooth import augment, checkpoint, optim, parallel, runlog, runtime, tblog, watchdog
 from jaxsmooth import data as data_lib
 from jaxsmooth import workdir as wd
 from jaxsmooth.checkpoint import Checkpoints, NoUsableCheckpointError
@@ -122,6 +120,7 @@ def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
         if not good:
             raise ValueError(f"{field}={value!r} {why}")
     _check_protocol(config)
+    watchdog.Watchdog(setting(config, "train.step_timeout_s", watchdog.AUTO))  # validates the field
     if not is_text(config):
         size = d.kwargs.get("pad_to") or _IMAGE_SIZE.get(d.name)
         if size and size % d.patch_size:
@@ -405,29 +404,6 @@ def _devices_line(d: dict) -> str:
     )
 
 
-@contextmanager
-def _stop_signals() -> Iterator[dict]:
-    """SIGINT/SIGTERM set a flag that the loop checks after each step (it then saves and stops). A second
-    signal raises KeyboardInterrupt at once. Only the main thread can install handlers."""
-    flag: dict = {"signum": None}
-
-    def handler(signum, frame):
-        if flag["signum"] is not None:
-            raise KeyboardInterrupt
-        flag["signum"] = signum
-
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    try:
-        previous = {s: signal.signal(s, handler) for s in sigs}
-    except ValueError:  # not the main thread
-        previous = {}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def _lock(stack: ExitStack, workdir: Path, primary: bool) -> wd.WorkdirLock:
     """Take the workdir's lock on process 0; every process learns whether it got it (all stop together)."""
     try:
@@ -597,10 +573,17 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         stop_at = total if stop_after is None else min(total, stop_after)
         progress = runlog.Progress(start, total, verbose and primary)
         diverged = None
-        with _stop_signals() as signals:
+        # Stop signals and the step watchdog run on helper threads: they work while the main thread is
+        # stuck inside XLA (jaxsmooth/watchdog.py). The watchdog also covers the final evaluation.
+        last_ckpt = lambda: _last(ckpt)
+        stuck = lambda m: log.write({"type": "event", "step": start, "event": "stuck", "detail": m})
+        watch = watchdog.Watchdog(
+            setting(config, "train.step_timeout_s", watchdog.AUTO), report=stuck, last_checkpoint=last_ckpt
+        )
+        with watchdog.StopSignals(last_ckpt) as signals, watch:
             try:
                 state, steps_per_sec = _loop(
-                    run, state, start, stop_at, total, ckpt, log, progress, signals, best
+                    run, state, start, stop_at, total, ckpt, log, progress, signals, best, watch=watch
                 )
             except NonFiniteError as e:
                 if setting(config, "train.on_nonfinite", "stop") != "record":
@@ -614,7 +597,9 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
             raise Interrupted(None, stop_at)
         if diverged is None:
             # The final evaluation: test (clean and corrupted) once, on the selected parameters.
-            ev = final_evaluation(run, state, best)
+            with watch:
+                watch.beat("the final evaluation", "evaluation")
+                ev = final_evaluation(run, state, best)
             scalars = {k: v for k, v in ev.items() if k.endswith(("_loss", "_accuracy", "_bpc", "_examples"))}
             log.write({"type": "eval", "step": total, "split": "final", **scalars})
         else:
@@ -753,8 +738,9 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     return run, state
 
 
-def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals, best: BestParams):
-    """Steps start+1 .. stop_at; returns (state, steps/s measured between the first and last log)."""
+def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals, best: BestParams, *, watch):
+    """Steps start+1 .. stop_at; returns (state, steps/s measured between the first and last log).
+    `watch` (a watchdog.Watchdog) is told whenever a step, an evaluation or a checkpoint starts."""
     t = run.config.train
     pending: tuple[int, dict] | None = None  # (step, device metrics) dispatched but not yet logged
     first = last = None  # (step, time) of the first / last log: steps/s leaves out compilation
@@ -788,6 +774,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
             )
 
     for step in range(start + 1, stop_at + 1):  # `step` = updates done once this iteration's step ran
+        watch.beat(f"step {step}")
         x, y = put(run, *run.batcher.batch(step - 1))
         with_stats = step % t.stats_every == 0 or step == total
         state, metrics = run.steps[with_stats](state, x, y)  # dispatch step t ...
@@ -799,6 +786,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
         if step % t.eval_every == 0 or (step == total and best.enabled):
             flush()
             check_state(state)
+            watch.beat(f"the evaluation at step {step}", "evaluation")
             split = run.eval_split
             # Model selection sees the whole validation split; other periodic evals may be capped.
             ev = evaluate(run, state["params"], 0 if best.enabled else t.eval_max_batches, split=split)
@@ -809,6 +797,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
             flush()
             check_state(state)  # never save a bad state
             if step != last_saved:
+                watch.beat(f"the checkpoint at step {step}", "checkpoint")
                 ckpt.save(step, state)
                 last_saved = step
         if signals["signum"] is not None:

@@ -57,6 +57,7 @@ RESUMABLE_CHANGES = {
     "train.profile": "evaluation",
     "train.on_nonfinite": "what happens after a divergence",
     "train.tensorboard": "logging",
+    "train.step_timeout_s": "the step watchdog (when a stuck run is stopped)",
     "model.remat": "recomputation: the same values",
     "model.remat_group": "recomputation: the same values",
     "model.scan": "scanned or unrolled layers: the same values",
@@ -418,7 +419,7 @@ ADDED_FIELDS = {
     "train.train_eval_size": 0, "train.test_max_examples": 0, "train.profile": False,
     "train.on_nonfinite": "stop", "model.drop_path": 0.0, "data.random_crop_pad": 0,
     "data.random_flip": False, "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
-    "train.label_smoothing": 0.0,
+    "train.label_smoothing": 0.0, "train.step_timeout_s": -1.0,
 }  # fmt: skip
 
 
