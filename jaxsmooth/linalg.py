@@ -17,9 +17,13 @@ thread that reaches it and queues nothing, so it cannot wait for itself. The res
 multi-device jit a callback runs once, on the first device, and XLA sends its result to the others (what
 `jax.pure_callback` does by default); it is a D x D factorisation next to the step's B x T x D matmuls.
 
-On GPU / TPU the native kernels (cuSOLVER, XLA's own) are used: `jax.lax.platform_dependent` picks per
-backend at lowering time. JAXSMOOTH_CPU_LINALG=xla selects jaxlib's CPU kernels instead (for
-benchmarks; it brings the deadlock back with several devices).
+When: with more than one CPU device in the process (JAXSMOOTH_CPU_LINALG=auto, the default). With one
+device, jaxlib's kernels are kept: the spectral stack makes one LAPACK call at a time, which a pool of two
+or more threads always completes, and JAX's persistent compilation cache never stores a program that
+holds a host callback, so single-device runs (every study cell) keep their cached compiles. `host` forces
+the callbacks everywhere, `xla` forces jaxlib's kernels (it brings the deadlock back with several devices).
+On GPU / TPU the native kernels (cuSOLVER, XLA's own) are always used: `jax.lax.platform_dependent` picks
+per backend at lowering time.
 
 Everything here is float32 in, float32 out, with any leading batch dimensions.
 """
@@ -37,12 +41,27 @@ ENV = "JAXSMOOTH_CPU_LINALG"
 
 
 def _use_host() -> bool:
-    choice = os.environ.get(ENV, "host")
-    if choice not in ("host", "xla"):
+    """Whether this trace routes CPU linear algebra through the host (see the module docstring)."""
+    choice = os.environ.get(ENV, "auto")
+    if choice not in ("auto", "host", "xla"):
         raise ValueError(
-            f"{ENV}={choice!r}: use 'host' (the default, deadlock-free) or 'xla' (jaxlib's kernels)"
+            f"{ENV}={choice!r}: use 'auto' (the default), 'host' (always deadlock-free) or 'xla' "
+            "(jaxlib's kernels)"
         )
+    if choice == "auto":
+        # One device runs one LAPACK call at a time here (the spectral stack composes its layers one by
+        # one), so a blocked pool thread always has another to run its tasks: jaxlib's kernels are safe,
+        # and a program without host callbacks can be kept in JAX's persistent compilation cache (one with
+        # callbacks never is). Several devices run the same call at once: the host path.
+        return _cpu_device_count() > 1
     return choice == "host"
+
+
+def _cpu_device_count() -> int:
+    try:
+        return jax.local_device_count("cpu")
+    except RuntimeError:  # no CPU backend
+        return 0
 
 
 @functools.cache

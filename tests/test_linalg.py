@@ -10,16 +10,37 @@ import pytest
 from jaxsmooth import linalg, spectral
 
 
+@pytest.fixture(autouse=True)
+def host_path(monkeypatch):
+    """This process has one CPU device, where "auto" keeps jaxlib's kernels: force the host path."""
+    monkeypatch.setenv(linalg.ENV, "host")
+
+
+def test_auto_uses_the_host_path_only_with_several_cpu_devices(monkeypatch):
+    monkeypatch.setenv(linalg.ENV, "auto")
+    for count, host in ((1, False), (4, True)):
+        monkeypatch.setattr(linalg, "_cpu_device_count", lambda count=count: count)
+        jax.clear_caches()  # the path is chosen at trace time; traces are cached
+        text = jax.jit(linalg.qr).lower(jnp.eye(4)).as_text()
+        assert ("lapack_sgeqrf" in text) is not host and ("callback" in text) is host
+
+
 @pytest.fixture
 def xla_kernels(monkeypatch):
     """Evaluate `fn` with jaxlib's kernels (the reference), under a fresh jit."""
 
     def run(fn, *args):
+        # The path is chosen at trace time and traces are cached: clear them on both sides of the switch,
+        # or the "reference" could be the host path's own trace.
+        jax.clear_caches()
         monkeypatch.setenv(linalg.ENV, "xla")
         try:
-            return jax.jit(fn)(*args)
+            out = jax.jit(fn)(*args)
+            assert "lapack_" in jax.jit(fn).lower(*args).as_text()  # really jaxlib's kernels
+            return out
         finally:
             monkeypatch.setenv(linalg.ENV, "host")
+            jax.clear_caches()
 
     return run
 

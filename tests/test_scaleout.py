@@ -14,7 +14,7 @@ import pytest
 from conftest import XLA_CACHE_ENV
 from flax import nnx
 
-from jaxsmooth import cli, metrics, optim, train
+from jaxsmooth import cli, linalg, metrics, optim, train
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx import CausalLM, ViT
 
@@ -68,10 +68,12 @@ CASES = sorted(  # (basis None sorts as "")
 
 
 @pytest.mark.parametrize("name, mode, basis", CASES)
-def test_no_program_calls_a_pool_blocking_lapack_kernel(name, mode, basis):
+def test_no_program_calls_a_pool_blocking_lapack_kernel(name, mode, basis, monkeypatch):
     """jaxlib 0.10's `lapack_*_ffi` CPU kernels block a pool thread on tasks queued on the same pool; with
     one per device running at once, nothing is left to run them. The trainer's programs must route their
-    QR / triangular solves / SVDs through jaxsmooth.linalg instead (a host callback on CPU)."""
+    QR / triangular solves / SVDs through jaxsmooth.linalg instead, which takes the host path with several
+    CPU devices (forced here: this test process has one)."""
+    monkeypatch.setenv(linalg.ENV, "host")
     for text in _programs(name, mode, basis):
         assert "lapack_" not in text, f"{name} mode={mode}: a jaxlib LAPACK kernel is called"
 
