@@ -214,7 +214,9 @@ def test_corruption_report_names_points_by_label_and_tabulates_each_metric_once(
     assert "| trained_on=clean |" in blur and not any(f"trained_on={t} " in blur for t in trained)
     assert "eval_corruptions=" not in text  # the label names the point, not every override
     cell = [c for c in study.cells(spec) if c.point["trained_on"] != "clean"][0]  # progress lines too
-    assert study._label(spec, cell) == f"{cell.variant} trained_on={cell.point['trained_on']} seed {cell.seed}"
+    assert (
+        study._label(spec, cell) == f"{cell.variant} trained_on={cell.point['trained_on']} seed {cell.seed}"
+    )
     # Sharpen is +0.1 on every corrupted set of every seed: the paired difference says so, exactly.
     assert "Δ +0.1000 ± 0.0000" in text.split("### test_corrupted/mean")[1].split("###")[0]
     assert (tmp_path / "corruption_curves.png").is_file()
