@@ -25,7 +25,8 @@ the callbacks everywhere, `xla` forces jaxlib's kernels (it brings the deadlock 
 On GPU / TPU the native kernels (cuSOLVER, XLA's own) are always used: `jax.lax.platform_dependent` picks
 per backend at lowering time.
 
-Everything here is float32 in, float32 out, with any leading batch dimensions.
+float32 and float64 keep their dtype (LAPACK's s- and d- routines); anything else is computed in
+float32. Any leading batch dimensions.
 """
 
 from __future__ import annotations
@@ -109,27 +110,38 @@ def _lapack():
     return lapack, blas
 
 
+def _dtype(x) -> jnp.dtype:
+    """The dtype we compute in: float64 stays float64, everything else is float32."""
+    return jnp.dtype(jnp.float64) if jnp.asarray(x).dtype == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _routine(module, name: str, dtype):
+    """LAPACK / BLAS routine `name` ("geqrf", ...) for dtype: s (float32) or d (float64)."""
+    return getattr(module, ("d" if np.dtype(dtype) == np.float64 else "s") + name)
+
+
 @functools.cache
-def _qr_workspace(m: int, n: int) -> tuple[int, int]:
-    """The optimal workspace sizes of sgeqrf and sorgqr, queried as jaxlib queries them (the blocked
+def _qr_workspace(m: int, n: int, dtype: str) -> tuple[int, int]:
+    """The optimal workspace sizes of ?geqrf and ?orgqr, queried as jaxlib queries them (the blocked
     algorithm is chosen by the workspace, so the same size gives the same rounding)."""
     lapack, _ = _lapack()
-    a = np.zeros((m, n), np.float32, order="F")
-    work = lapack.sgeqrf(a, lwork=-1)[2]
-    work_q = lapack.sorgqr(a, np.zeros(min(m, n), np.float32), lwork=-1)[1]
+    a = np.zeros((m, n), dtype, order="F")
+    work = _routine(lapack, "geqrf", dtype)(a, lwork=-1)[2]
+    work_q = _routine(lapack, "orgqr", dtype)(a, np.zeros(min(m, n), dtype), lwork=-1)[1]
     return int(work[0]), int(work_q[0])
 
 
 def _batched(fn, *arrays):
     """Apply fn to each matrix of the (broadcast) leading batch of `arrays`; fn returns a tuple."""
-    arrays = [np.asarray(a, np.float32) for a in arrays]
+    dtype = np.result_type(*arrays)
+    arrays = [np.asarray(a, dtype) for a in arrays]
     batch = np.broadcast_shapes(*(a.shape[:-2] for a in arrays))
     arrays = [np.broadcast_to(a, batch + a.shape[-2:]) for a in arrays]
     outs = None
     for idx in np.ndindex(*batch):
         res = fn(*(np.asfortranarray(a[idx]) for a in arrays))
         if outs is None:
-            outs = [np.empty(batch + r.shape, np.float32) for r in res]
+            outs = [np.empty(batch + r.shape, dtype) for r in res]
         for o, r in zip(outs, res, strict=True):
             o[idx] = r
     return tuple(outs)
@@ -138,38 +150,40 @@ def _batched(fn, *arrays):
 def _host_qr(x):
     m, n = x.shape[-2:]
     lapack, _ = _lapack()
-    lwork, lwork_q = _qr_workspace(m, n)
+    dtype = x.dtype
+    lwork, lwork_q = _qr_workspace(m, n, dtype.name)
+    geqrf, orgqr = _routine(lapack, "geqrf", dtype), _routine(lapack, "orgqr", dtype)
 
     def one(a):
-        qr, tau, _, info = lapack.sgeqrf(a, lwork=lwork, overwrite_a=1)
+        qr, tau, _, info = geqrf(a, lwork=lwork, overwrite_a=1)
         r = np.triu(qr[: min(m, n)])
-        q = lapack.sorgqr(qr[:, : min(m, n)], tau, lwork=lwork_q, overwrite_a=1)[0]
+        q = orgqr(qr[:, : min(m, n)], tau, lwork=lwork_q, overwrite_a=1)[0]
         return q, r
 
     if x.size == 0:
         k = min(m, n)
-        return np.zeros(x.shape[:-1] + (k,), np.float32), np.zeros(x.shape[:-2] + (k, n), np.float32)
+        return np.zeros(x.shape[:-1] + (k,), x.dtype), np.zeros(x.shape[:-2] + (k, n), x.dtype)
     return _batched(one, x)
 
 
 @jax.custom_jvp
 def qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reduced QR of float32 matrices, as `jnp.linalg.qr(x)` (LAPACK's signs: diag(R) may be negative).
+    """Reduced QR, as `jnp.linalg.qr(x)` (LAPACK's signs: diag(R) may be negative).
 
     Args:
-      x: [..., M, N] float32.
+      x: [..., M, N] float32 or float64 (other dtypes are computed in float32).
     Returns:
       (q [..., M, K], r [..., K, N]) with K = min(M, N); not differentiable (the spectral layers define
       their own derivative, `spectral.orthogonal`).
     """
-    x = jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(x, _dtype(x))
     if not _use_host():
         return tuple(jnp.linalg.qr(x))
     m, n = x.shape[-2:]
     k = min(m, n)
     out = (
-        jax.ShapeDtypeStruct(x.shape[:-1] + (k,), jnp.float32),
-        jax.ShapeDtypeStruct(x.shape[:-2] + (k, n), jnp.float32),
+        jax.ShapeDtypeStruct(x.shape[:-1] + (k,), x.dtype),
+        jax.ShapeDtypeStruct(x.shape[:-2] + (k, n), x.dtype),
     )
     host = lambda a: tuple(jax.pure_callback(_host_qr, out, a, vmap_method="broadcast_all"))
     return jax.lax.platform_dependent(x, cpu=host, default=lambda a: tuple(jnp.linalg.qr(a)))
@@ -180,16 +194,16 @@ def _qr_jvp(primals, tangents):
     # A callback has no derivative. The spectral layers never reach this (`spectral.orthogonal` has its
     # own rule); a user differentiating `qr` itself, or a second derivative, gets JAX's own rule, on
     # jaxlib's kernels (a CPU deadlock needs several of them at once; derivatives of derivatives are rare).
-    return jax.jvp(jnp.linalg.qr, (jnp.asarray(primals[0], jnp.float32),), tangents)
+    x = jnp.asarray(primals[0], _dtype(primals[0]))
+    return jax.jvp(lambda a: tuple(jnp.linalg.qr(a)), (x,), (jnp.asarray(tangents[0], x.dtype),))
 
 
 def _host_trsm(trans: bool):
     def solve(r, b):
         _, blas = _lapack()
         # x r = b (trans: x r^T = b), r upper triangular: BLAS strsm from the right, as jaxlib calls it.
-        return _batched(lambda r1, b1: (blas.strsm(1.0, r1, b1, side=1, lower=0, trans_a=int(trans)),), r, b)[
-            0
-        ]
+        trsm = _routine(blas, "trsm", np.result_type(r, b))
+        return _batched(lambda r1, b1: (trsm(1.0, r1, b1, side=1, lower=0, trans_a=int(trans)),), r, b)[0]
 
     return solve
 
@@ -200,7 +214,7 @@ def _trsm(r, b, trans: bool):
     )
     if not _use_host():
         return native(r, b)
-    out = jax.ShapeDtypeStruct(jnp.broadcast_shapes(r.shape[:-2], b.shape[:-2]) + b.shape[-2:], jnp.float32)
+    out = jax.ShapeDtypeStruct(jnp.broadcast_shapes(r.shape[:-2], b.shape[:-2]) + b.shape[-2:], b.dtype)
     host = lambda r, b: jax.pure_callback(_host_trsm(trans), out, r, b, vmap_method="broadcast_all")
     return jax.lax.platform_dependent(r, b, cpu=host, default=native)
 
@@ -211,13 +225,14 @@ def solve_upper_right(r: jax.Array, b: jax.Array) -> jax.Array:
     transpose solves x r^T = b with the same routine, as JAX's own transpose rule does).
 
     Args:
-      r: [..., N, N] float32, upper triangular with a nonzero diagonal (only the upper triangle is read).
-      b: [..., M, N] float32.
+      r: [..., N, N], upper triangular with a nonzero diagonal (only the upper triangle is read).
+      b: [..., M, N]; float64 if r or b is, else float32.
     Returns:
-      x: [..., M, N] float32 with x r = b.
+      x: [..., M, N] with x r = b.
     """
-    r = jnp.asarray(r, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
+    dtype = jnp.promote_types(_dtype(r), _dtype(b))
+    r = jnp.asarray(r, dtype)
+    b = jnp.asarray(b, dtype)
     return jax.lax.custom_linear_solve(
         lambda x: x @ jnp.triu(r),
         b,
@@ -231,13 +246,14 @@ def _host_svdvals(x):
     m, n = x.shape[-2:]
     k = min(m, n)
     if x.size == 0:
-        return np.zeros(x.shape[:-2] + (k,), np.float32)
-    lwork = int(lapack.sgesdd_lwork(m, n, compute_uv=0, full_matrices=0)[0])
+        return np.zeros(x.shape[:-2] + (k,), x.dtype)
+    lwork = int(_routine(lapack, "gesdd_lwork", x.dtype)(m, n, compute_uv=0, full_matrices=0)[0])
+    gesdd = _routine(lapack, "gesdd", x.dtype)
 
     def one(a):
-        _, s, _, info = lapack.sgesdd(a, compute_uv=0, full_matrices=0, lwork=lwork, overwrite_a=1)
+        _, s, _, info = gesdd(a, compute_uv=0, full_matrices=0, lwork=lwork, overwrite_a=1)
         # LAPACK returns NaN-free values or info > 0 (did not converge); jnp gives NaN there: match it.
-        return (s if info == 0 else np.full(k, np.nan, np.float32),)
+        return (s if info == 0 else np.full(k, np.nan, x.dtype),)
 
     return _batched(one, x)[0]
 
@@ -247,15 +263,15 @@ def svdvals(x: jax.Array) -> jax.Array:
     """Singular values, descending, as `jnp.linalg.svd(x, compute_uv=False)`.
 
     Args:
-      x: [..., M, N] float32.
+      x: [..., M, N] float32 or float64 (other dtypes are computed in float32).
     Returns:
-      [..., min(M, N)] float32.
+      [..., min(M, N)], x's dtype.
     """
-    x = jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(x, _dtype(x))
     native = lambda a: jnp.linalg.svd(a, compute_uv=False)
     if not _use_host():
         return native(x)
-    out = jax.ShapeDtypeStruct(x.shape[:-2] + (min(x.shape[-2:]),), jnp.float32)
+    out = jax.ShapeDtypeStruct(x.shape[:-2] + (min(x.shape[-2:]),), x.dtype)
     host = lambda a: jax.pure_callback(_host_svdvals, out, a, vmap_method="broadcast_all")
     return jax.lax.platform_dependent(x, cpu=host, default=native)
 
@@ -263,6 +279,6 @@ def svdvals(x: jax.Array) -> jax.Array:
 @svdvals.defjvp
 def _svdvals_jvp(primals, tangents):
     # As for `qr`: the values stay on the callback, the derivative (rarely wanted) is JAX's own.
-    x = jnp.asarray(primals[0], jnp.float32)
+    x = jnp.asarray(primals[0], _dtype(primals[0]))
     _, ds = jax.jvp(lambda a: jnp.linalg.svd(a, compute_uv=False), (x,), tangents)
     return svdvals(x), ds

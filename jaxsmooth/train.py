@@ -576,7 +576,9 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         # Stop signals and the step watchdog run on helper threads: they work while the main thread is
         # stuck inside XLA (jaxsmooth/watchdog.py). The watchdog also covers the final evaluation.
         last_ckpt = lambda: _last(ckpt)
-        stuck = lambda m: log.write({"type": "event", "step": start, "event": "stuck", "detail": m})
+        stuck = lambda m, step: log.write(
+            {"type": "event", "step": step or start, "event": "stuck", "detail": m}
+        )
         watch = watchdog.Watchdog(
             setting(config, "train.step_timeout_s", watchdog.AUTO), report=stuck, last_checkpoint=last_ckpt
         )
@@ -753,6 +755,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
             return
         step, m = pending
         pending = None
+        watch.waiting_for(f"step {step}", step)  # steps are dispatched ahead: name the one waited for
         bad = int(jax.device_get(m["bad_step"]))
         if bad >= 0:
             raise NonFiniteError(
@@ -774,7 +777,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
             )
 
     for step in range(start + 1, stop_at + 1):  # `step` = updates done once this iteration's step ran
-        watch.beat(f"step {step}")
+        watch.beat(f"step {step}", step=step)
         x, y = put(run, *run.batcher.batch(step - 1))
         with_stats = step % t.stats_every == 0 or step == total
         state, metrics = run.steps[with_stats](state, x, y)  # dispatch step t ...
@@ -786,7 +789,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
         if step % t.eval_every == 0 or (step == total and best.enabled):
             flush()
             check_state(state)
-            watch.beat(f"the evaluation at step {step}", "evaluation")
+            watch.beat(f"the evaluation at step {step}", "evaluation", step)
             split = run.eval_split
             # Model selection sees the whole validation split; other periodic evals may be capped.
             ev = evaluate(run, state["params"], 0 if best.enabled else t.eval_max_batches, split=split)
@@ -797,7 +800,7 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
             flush()
             check_state(state)  # never save a bad state
             if step != last_saved:
-                watch.beat(f"the checkpoint at step {step}", "checkpoint")
+                watch.beat(f"the checkpoint at step {step}", "checkpoint", step)
                 ckpt.save(step, state)
                 last_saved = step
         if signals["signum"] is not None:

@@ -113,7 +113,8 @@ class Watchdog:
 
     Args:
       timeout_s: `train.step_timeout_s`: > 0 seconds per step, 0 off, -1 auto.
-      report: called with the one-line message before exiting (e.g. to write it to the run's log).
+      report: called with (the one-line message, the step last started or None) before exiting (e.g. to
+        write it to the run's log).
       say: where the message and the stacks go (stderr by default).
       last_checkpoint: a sentence about the last checkpoint, for the message.
       poll_s: how often the thread looks (tests use less).
@@ -124,7 +125,7 @@ class Watchdog:
         self,
         timeout_s: float,
         *,
-        report: Callable[[str], None] = lambda m: None,
+        report: Callable[[str, int | None], None] = lambda m, step: None,
         last_checkpoint: Callable[[], str] = lambda: "",
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -142,6 +143,7 @@ class Watchdog:
         self._report, self._last, self._poll, self._clock = report, last_checkpoint, poll_s, clock
         self._lock = threading.Lock()
         self._what: str | None = None
+        self._step: int | None = None  # the step last started (for the report)
         self._kind = "step"
         self._since = clock()
         self._steps: list[float] = []  # measured step intervals (the last 100)
@@ -161,8 +163,9 @@ class Watchdog:
             return max(300.0, 100 * statistics.median(self._steps)) if self._steps else 600.0
         return max(1800.0, 10 * self._longest_other)
 
-    def beat(self, what: str, kind: str = "step") -> None:
-        """Something new starts: `what` (e.g. "step 12"), of `kind` "step", "evaluation" or "checkpoint"."""
+    def beat(self, what: str, kind: str = "step", step: int | None = None) -> None:
+        """Something new starts: `what` (e.g. "step 12"), of `kind` "step", "evaluation" or "checkpoint",
+        at training step `step` (if known)."""
         now = self._clock()
         with self._lock:
             if self._what is not None:
@@ -172,6 +175,14 @@ class Watchdog:
                 else:
                     self._longest_other = max(self._longest_other, elapsed)
             self._what, self._kind, self._since = what, kind, now
+            self._step = step if step is not None else self._step
+
+    def waiting_for(self, what: str, step: int | None = None) -> None:
+        """Name what the loop now waits for (e.g. the results of an earlier, asynchronously dispatched
+        step), without counting it as something new: the clock keeps running from the last `beat`."""
+        with self._lock:
+            self._what = what
+            self._step = step if step is not None else self._step
 
     def __enter__(self) -> Watchdog:
         self._stop = threading.Event()  # re-entrant: the trainer watches the loop, then the final evaluation
@@ -197,7 +208,7 @@ class Watchdog:
             print(f"jaxsmooth train: {msg}", file=sys.stderr, flush=True)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             try:
-                self._report(msg)
+                self._report(msg, self._step)
             finally:
                 sys.stderr.flush()
                 os._exit(STUCK_EXIT)

@@ -120,6 +120,22 @@ def test_second_derivatives_fall_back_to_jax_rules():
     assert np.all(np.isfinite(hvp))
 
 
+def test_float64_stays_float64_and_matches_jaxlib(xla_kernels):
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 9, 9)), jnp.float64)
+        q_ref, r_ref = xla_kernels(lambda a: tuple(jnp.linalg.qr(a)), x)
+        q, r = jax.jit(linalg.qr)(x)
+        assert q.dtype == r.dtype == jnp.float64
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_array_equal(r, r_ref)
+        s_ref = xla_kernels(lambda a: jnp.linalg.svd(a, compute_uv=False), x)
+        np.testing.assert_array_equal(jax.jit(linalg.svdvals)(x), s_ref)
+        # The custom QR derivative on the host path equals the true one (finite differences, float64).
+        w = jnp.asarray(np.random.default_rng(8).standard_normal((9, 9)), jnp.float64)
+        f = lambda t: jnp.sum(spectral.orthogonal(t) * w)
+        jax.test_util.check_grads(f, (x[0],), order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+
 def test_bad_choice_is_named(monkeypatch):
     monkeypatch.setenv(linalg.ENV, "lapack")
     with pytest.raises(ValueError, match="JAXSMOOTH_CPU_LINALG='lapack'"):
