@@ -27,6 +27,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_CONFIG = "digits"
 VERBS = {
@@ -47,7 +48,8 @@ TRAIN_USAGE = """usage: jaxsmooth train [--config FILE[:ARGS] | NAME[:ARGS]] [--
   --restart       start over from step 0; the workdir's previous files are kept as metrics.1.jsonl, ...
   --print_config  print the resolved config and exit without training (also --dry_run)
   --coordinator_address, --num_processes, --process_id
-                  multi-process run (or env JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
+                  multi-process run (or env JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
+                  JAXSMOOTH_DISTRIBUTED=auto takes them from SLURM, Open MPI, ... as jax detects them)
 
 packaged configs: {names} ('jaxsmooth configs' describes them)
 """
@@ -236,9 +238,14 @@ def train_main(argv: list[str]) -> int:
     from jaxsmooth import workdir as wd  # no JAX yet
 
     workdir = Path("runs") / config.name if workdir is None else workdir  # "" is refused by train
-    multi_process = dist["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    # (parallel.distributed_args decides for real; this guess only skips the lock check below, jax-free.)
+    maybe_multi_process = (
+        dist["coordinator_address"]
+        or os.environ.get("JAX_COORDINATOR_ADDRESS")
+        or os.environ.get("JAXSMOOTH_DISTRIBUTED")
+    )
     # Single process only: the other processes of a multi-process run see process 0 holding the lock.
-    holder = wd.live_holder(workdir) if str(workdir).strip() and not multi_process else None
+    holder = wd.live_holder(workdir) if str(workdir).strip() and not maybe_multi_process else None
     if holder is not None:  # refuse before the slow imports; train() takes the lock itself
         print(f"jaxsmooth train: error: {wd.locked_message(workdir, holder)}", file=sys.stderr)
         return 1
@@ -246,8 +253,13 @@ def train_main(argv: list[str]) -> int:
     from jaxsmooth import checkpoint, data, parallel, train
 
     try:
-        parallel.initialize(**dist)
-        summary = train.train(config, workdir, restart=options["restart"])
+        multi_process = parallel.initialize(**dist)
+        with parallel.peer_loss_as_error():
+            if multi_process:
+                _say_joined()
+            summary = train.train(config, workdir, restart=options["restart"])
+    except parallel.PeerLostError as e:
+        _exit_after_peer_loss(e, Path(workdir))
     except train.Interrupted as e:
         print(f"jaxsmooth train: {e}; rerun the same command to resume.", file=sys.stderr)
         return 128 + (e.signum or signal.SIGINT)
@@ -262,6 +274,59 @@ def train_main(argv: list[str]) -> int:
         return 1
     print_summary(summary)
     return 0
+
+
+def _say_joined() -> None:
+    """One line per process of a multi-process run, at start: which process this is, and what happens when
+    another one dies. The second part is for the cases where jax itself ends the process (the coordinator,
+    process 0, died; or a peer went silent): its own last words are a C++ abort and a stack trace."""
+    import jax
+
+    from jaxsmooth import parallel
+
+    n = jax.process_count()
+    print(
+        f"jaxsmooth: process {jax.process_index()} of {n}. If a process dies, the others stop: at once, or "
+        f"after {parallel.heartbeat_timeout()} s without its heartbeat ({parallel.ENV_HEARTBEAT}); then "
+        f"start all {n} again with the same command to resume from the last checkpoint.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _exit_after_peer_loss(e: Exception, workdir: Path) -> NoReturn:
+    """Report a lost peer process and exit now, with status 1.
+
+    Not a normal return: at exit, jax's `distributed.shutdown` waits in a barrier for every process,
+    including the dead one, until the coordination service declares it dead (the heartbeat timeout), and
+    then aborts this process with a C++ stack trace. The trainer's own clean-up (workdir lock, open
+    checkpoint writes, metrics file) already ran while the error unwound out of train()."""
+    import jax
+
+    from jaxsmooth import checkpoint
+    from jaxsmooth import workdir as wd
+
+    steps = checkpoint.step_dirs(workdir)
+    last, then = "No checkpoint was saved yet", "start over"
+    if steps:
+        step_dir = workdir / "checkpoints" / str(steps[-1])
+        problem = checkpoint.verify(step_dir)
+        if problem is not None:
+            last = f"The last checkpoint, step {steps[-1]}, fails its checksums ({problem}; a rerun skips it)"
+        elif not checkpoint.has_checksum(step_dir):
+            last = f"The last checkpoint, step {steps[-1]}, has no checksum file (a rerun checks its digests)"
+        else:
+            last = f"The last checkpoint, step {steps[-1]}, matches its checksums"
+        then = "resume"
+    print(
+        f"jaxsmooth train: error: {e}. This process stops too. {last}: start all {jax.process_count()} "
+        f"processes again with the same command to {then}.",
+        file=sys.stderr,
+        flush=True,
+    )
+    wd.release_all()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def print_config(config) -> int:

@@ -8,7 +8,13 @@ and the parameters are replicated: the step's code does not change.
 Multiple processes (`initialize`): every process runs the same program on the global mesh of all
 processes' devices; each one builds only the rows of the global batch that its own devices hold
 (`local_rows`) and `jax.make_array_from_process_local_data` assembles the global array. On CPU the
-cross-process collectives use gloo (jax's default `jax_cpu_collectives_implementation`).
+cross-process collectives use gloo (jax's default `jax_cpu_collectives_implementation`). A process joins
+a run from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or with JAXSMOOTH_DISTRIBUTED=auto
+from jax's cluster detection (SLURM, Open MPI, Kubernetes, Cloud TPU; `distributed_args`). When one process
+dies, the others must not wait for it forever: a collective that loses its peer fails at once, and
+`peer_loss_as_error` turns that failure into `PeerLostError` (the CLI then exits at once); a process that
+vanishes silently is declared dead by jax's coordination service after JAXSMOOTH_HEARTBEAT_TIMEOUT_S
+seconds (default 60), which then terminates every process.
 
 Sharded parameters. Every parameter of jaxsmooth's models carries logical axis names (`out_sharding`
 metadata: "embed", "heads", "mlp", "vocab", "classes", "patch", and "layers" for the stacked block axis).
@@ -32,8 +38,10 @@ The stacked "layers" axis is never split: the scan over layers reads one slice p
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -62,32 +70,152 @@ ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
     "JAX_NUM_PROCESSES",
     "JAX_PROCESS_ID",
 )
+ENV_DISTRIBUTED = "JAXSMOOTH_DISTRIBUTED"  # "auto": join the run that jax's cluster detection finds
+ENV_HEARTBEAT = "JAXSMOOTH_HEARTBEAT_TIMEOUT_S"
+# jax's own default is 100 s. A peer that dies with its host still up closes its sockets, and the collective
+# waiting on it fails at once; the heartbeat only bounds the silent cases (a host that lost power or its
+# network). A minute is long beside the heartbeat thread's scheduling delays, even on a loaded machine.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer") from None
+
+
+def heartbeat_timeout(env: Mapping[str, str] | None = None) -> int:
+    """Seconds without a heartbeat after which jax's coordination service declares a process dead
+    (JAXSMOOTH_HEARTBEAT_TIMEOUT_S, default `DEFAULT_HEARTBEAT_TIMEOUT_S`)."""
+    seconds = _env_int(os.environ if env is None else env, ENV_HEARTBEAT)
+    if seconds is None:
+        return DEFAULT_HEARTBEAT_TIMEOUT_S
+    if seconds < 1:
+        raise ValueError(f"{ENV_HEARTBEAT}={seconds} must be at least 1 (seconds)")
+    return seconds
+
+
+def distributed_args(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any] | None:
+    """The keyword arguments `initialize` passes to `jax.distributed.initialize`, or None for a
+    single-process run. Pure (reads only `env`, default os.environ): the decision is tested without a
+    cluster.
+
+    Explicit: a coordinator address (argument, else JAX_COORDINATOR_ADDRESS) needs the number of processes
+    and this process's id (arguments, else JAX_NUM_PROCESSES / JAX_PROCESS_ID). Automatic:
+    JAXSMOOTH_DISTRIBUTED=auto passes only what is given and leaves the rest to jax's cluster detection
+    (jax/_src/clusters: SLURM, Open MPI, Kubernetes with the `kubernetes` package, Cloud TPU; not mpi4py,
+    which jax only uses when asked by name). Never automatic otherwise: a lone `srun` or `mpirun` of one
+    process should not start a coordination service. Every multi-process run gets
+    `heartbeat_timeout_seconds` (`heartbeat_timeout`).
+    """
+    env = os.environ if env is None else env
+    mode = env.get(ENV_DISTRIBUTED, "").strip().lower()
+    if mode not in ("", "auto"):
+        raise ValueError(
+            f"{ENV_DISTRIBUTED}={env[ENV_DISTRIBUTED]!r}: the only value is 'auto' (jax's cluster "
+            f"detection); unset it to run one process, or set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
+            f"{ENV_PROCESS_ID}"
+        )
+    coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
+    if num_processes is None:
+        num_processes = _env_int(env, ENV_NUM_PROCESSES)
+    if process_id is None:
+        process_id = _env_int(env, ENV_PROCESS_ID)
+    if not coordinator_address and mode != "auto":
+        return None
+    if mode != "auto" and (num_processes is None or process_id is None):
+        raise ValueError(
+            f"a coordinator address ({coordinator_address}) needs the number of processes and this "
+            f"process's id: set {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (or --num_processes/--process_id), "
+            f"or {ENV_DISTRIBUTED}=auto to take them from the cluster (SLURM, ...)"
+        )
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}  # fmt: skip
+    return {
+        **{k: v for k, v in given.items() if v is not None},
+        "heartbeat_timeout_seconds": heartbeat_timeout(env),
+    }
 
 
 def initialize(
     coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:
-    """`jax.distributed.initialize` from the arguments, else from the environment variables
-    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+    """`jax.distributed.initialize` with `distributed_args` (the arguments, else the environment variables
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID, or
+    JAXSMOOTH_DISTRIBUTED=auto; the heartbeat timeout from JAXSMOOTH_HEARTBEAT_TIMEOUT_S).
 
-    Returns False (and does nothing) when no coordinator is given: a plain single-process run. Must run
-    before anything touches a device.
+    Returns False (and does nothing) for a plain single-process run. Must run before anything touches a
+    device.
     """
-    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
-    if not coordinator_address:
+    args = distributed_args(coordinator_address, num_processes, process_id)
+    if args is None:
         return False
-    env_n, env_id = os.environ.get(ENV_NUM_PROCESSES), os.environ.get(ENV_PROCESS_ID)
-    num_processes = num_processes if num_processes is not None else (int(env_n) if env_n else None)
-    process_id = process_id if process_id is not None else (int(env_id) if env_id else None)
-    if num_processes is None or process_id is None:
+    try:
+        jax.distributed.initialize(**args)
+    except ValueError as e:
+        if "coordinator_address" in args:
+            raise
+        # jax's own words ("coordinator_address should be defined.") do not say that detection failed.
         raise ValueError(
-            f"a coordinator address ({coordinator_address}) needs the number of processes and this "
-            f"process's id: set {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (or --num_processes/--process_id)"
-        )
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+            f"{ENV_DISTRIBUTED}=auto: jax found no cluster environment to join ({e}); it detects SLURM "
+            f"(srun), Open MPI (mpirun), Kubernetes indexed Jobs and Cloud TPU. Elsewhere set "
+            f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}"
+        ) from None
     return True
+
+
+class PeerLostError(RuntimeError):
+    """Another process of this multi-process run died or stopped answering, so this one cannot go on."""
+
+
+# How a lost peer reads in the errors that reach Python: gloo's failed CPU collectives ("Gloo all-reduce
+# failed: ... Connection reset by peer", "Gloo AllGather failed: ... Connection closed by peer", also inside
+# Orbax's checkpoint syncs) and the coordination service's heartbeat verdicts.
+_PEER_LOST = re.compile(
+    r"\bGloo\b.*\bfailed\b|Connection (?:closed|reset) by peer|Broken pipe|heartbeat timeout|"
+    r"stopped sending heartbeats",
+    re.IGNORECASE,
+)
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from or during, reports a lost peer process."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if _PEER_LOST.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def peer_loss_as_error() -> Iterator[None]:
+    """Re-raise an error that reports a lost peer (`is_peer_loss`) as `PeerLostError`, in a multi-process
+    run only. Whatever failed (a train step's all-reduce, a checkpoint's sync, an evaluation), the cause is
+    the same and so is the remedy: restart every process."""
+    try:
+        yield
+    except Exception as e:
+        if not (jax.distributed.is_initialized() and is_peer_loss(e)):
+            raise
+        cause = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise PeerLostError(
+            f"process {jax.process_index()} of {jax.process_count()}: another process of this run died or "
+            f"stopped responding ({cause[:400]})"
+        ) from e
 
 
 def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
