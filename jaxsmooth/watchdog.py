@@ -70,11 +70,11 @@ class StopSignals:
         # it does nothing itself: the reader thread decides, even while the main thread is stuck.
         self._previous = {s: signal.signal(s, lambda *_: None) for s in self.SIGNALS}
         self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        threading.Thread(target=self._read, name="jaxsmooth-signals", daemon=True).start()
+        # The read end is passed in, not read from self: __exit__ may clear _fds before the thread runs.
+        threading.Thread(target=self._read, args=(r,), name="jaxsmooth-signals", daemon=True).start()
         return self
 
-    def _read(self) -> None:
-        r = self._fds[0]
+    def _read(self, r: int) -> None:
         while True:
             try:
                 data = os.read(r, 64)
