@@ -372,6 +372,20 @@ class Checkpoints:
         self._manager.close()
 
 
+def describe_last(directory: Path, steps: list[int]) -> str:
+    """A true sentence about the newest of `steps` in the checkpoint `directory`, checked now (for the
+    messages of a stopped run: the trainer's, the watchdog's, a lost peer's)."""
+    if not steps:
+        return "No checkpoint was saved yet."
+    step_dir = Path(directory) / str(steps[-1])
+    problem = verify(step_dir)
+    if problem is not None:
+        return f"The last checkpoint, step {steps[-1]}, fails its checksums ({problem}); a rerun skips it."
+    if not has_checksum(step_dir):
+        return f"The last checkpoint, step {steps[-1]}, has no checksum file; a rerun checks its digests."
+    return f"The last checkpoint, step {steps[-1]}, matches its checksums (checked just now)."
+
+
 def step_dirs(workdir: str | Path) -> list[int]:
     """The checkpoint steps present in a workdir (without verifying them)."""
     ckpt_dir = Path(workdir) / "checkpoints"

@@ -307,17 +307,8 @@ def _exit_after_peer_loss(e: Exception, workdir: Path) -> NoReturn:
     from jaxsmooth import workdir as wd
 
     steps = checkpoint.step_dirs(workdir)
-    last, then = "No checkpoint was saved yet", "start over"
-    if steps:
-        step_dir = workdir / "checkpoints" / str(steps[-1])
-        problem = checkpoint.verify(step_dir)
-        if problem is not None:
-            last = f"The last checkpoint, step {steps[-1]}, fails its checksums ({problem}; a rerun skips it)"
-        elif not checkpoint.has_checksum(step_dir):
-            last = f"The last checkpoint, step {steps[-1]}, has no checksum file (a rerun checks its digests)"
-        else:
-            last = f"The last checkpoint, step {steps[-1]}, matches its checksums"
-        then = "resume"
+    last = checkpoint.describe_last(workdir / "checkpoints", steps).rstrip(".")
+    then = "resume" if steps else "start over"
     print(
         f"jaxsmooth train: error: {e}. This process stops too. {last}: start all {jax.process_count()} "
         f"processes again with the same command to {then}.",

@@ -814,13 +814,4 @@ def _loop(run: _Run, state, start, stop_at, total, ckpt, log, progress, signals,
 
 def _last(ckpt: Checkpoints) -> str:
     """A true sentence about the newest checkpoint, checked now (for the messages of a stopped run)."""
-    steps = ckpt.steps()
-    if not steps:
-        return "No checkpoint was saved yet."
-    step_dir = ckpt.directory / str(steps[-1])
-    problem = checkpoint.verify(step_dir)
-    if problem is not None:
-        return f"The last checkpoint, step {steps[-1]}, fails its checksums ({problem}); a rerun skips it."
-    if not checkpoint.has_checksum(step_dir):
-        return f"The last checkpoint, step {steps[-1]}, has no checksum file; a rerun checks its digests."
-    return f"The last checkpoint, step {steps[-1]}, matches its checksums (checked just now)."
+    return checkpoint.describe_last(ckpt.directory, ckpt.steps())
