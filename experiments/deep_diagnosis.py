@@ -5,8 +5,8 @@ what one optimiser step does to it.
         --every 10 --out experiments/results/deep/none_d1000.json [--set opt.lr=3e-4 ...]
         [--freeze ln_bias,ln_gain] [--group-lr ln_bias=0.1]
 
-Everything runs through the library: the config is `configs/deep1000.py` (with `--arg` and `--set`
-overrides), the model `jaxsmooth.train.build_model`, the optimiser `jaxsmooth.optim.make_optimizer`, the
+Everything runs through the library: the config is `jaxsmooth/configs/deep1000.py` (with `--arg` and `--set`
+overrides), the model `jaxsmooth.train.build_model`, the optimiser `jaxsmooth.train.optim.make_optimizer`, the
 step `jaxsmooth.train.make_train_step` and the batches `jaxsmooth.data.Batcher`, so the loss curve is the
 trainer's. At every `--every`-th step (before the update) a second jitted function takes the same batch,
 gradients and optax update, and records:
@@ -46,7 +46,8 @@ import optax
 from flax import nnx
 
 from jaxsmooth import data as data_lib
-from jaxsmooth import optim, train
+from jaxsmooth import train
+from jaxsmooth.train import optim
 
 ROOT = Path(__file__).resolve().parent.parent
 # Parameter groups: name -> predicate on the parameter path (a tuple of keys of the pure-dict params).
@@ -66,7 +67,7 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 
 def load_config(arg: str, sets: list[str]):
-    """configs/deep1000.py (this checkout's) with `arg`, then `--set section.field=value` overrides.
+    """jaxsmooth/configs/deep1000.py (this checkout's) with `arg`, then `--set section.field=value` overrides.
 
     The config imports `jaxsmooth.configs._common`, which an editable install may map to another
     checkout's configs/; this checkout's _common.py is registered under that name first, so the config
@@ -278,7 +279,7 @@ def host_record(step: int, m: dict, stride: int, alpha: float) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arg", default="", help="configs/deep1000.py args, e.g. mode=none,depth=100")
+    ap.add_argument("--arg", default="", help="jaxsmooth/configs/deep1000.py args, e.g. mode=none,depth=100")
     ap.add_argument("--set", action="append", default=[], help="section.field=value override")
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps (also the schedule length)")
     ap.add_argument("--every", type=int, default=10, help="diagnostics every N steps")

@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsmooth import cli, optim, train
 from jaxsmooth import data as data_lib
+from jaxsmooth import train
+from jaxsmooth.tools import cli
+from jaxsmooth.train import optim
 
 VARIANTS = ("none", "sharpen", "smooth", "neutral", "free")
 

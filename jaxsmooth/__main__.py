@@ -1,6 +1,6 @@
 """`python -m jaxsmooth <command> ...`: the same as the `jaxsmooth` console script."""
 
-from jaxsmooth.cli import main
+from jaxsmooth.tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

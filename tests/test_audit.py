@@ -1,8 +1,9 @@
-"""Tests of jaxsmooth.audit (and audit_plots): MiniLM through the function, tiny jaxsmooth runs through the
+"""Tests of jaxsmooth.tools.audit (and audit_plots): MiniLM through the function, tiny jaxsmooth runs through
+the
 CLI, and clear errors for unusable paths.
 
 Run directories are built here exactly as `jaxsmooth train` lays them out (config.json from the packaged
-config, an Orbax checkpoint of the state dict {"params", ...} through jaxsmooth.checkpoint), but with
+config, an Orbax checkpoint of the state dict {"params", ...} through jaxsmooth.train.checkpoint), but with
 random parameters: a real training run takes ~30 s to compile on 2 CPU cores, too slow here.
 """
 
@@ -20,11 +21,12 @@ import pytest
 from flax import nnx
 from threadpoolctl import threadpool_limits
 
-from jaxsmooth import audit, bert, cli, theory, train
+from jaxsmooth import configs, theory, train
 from jaxsmooth import data as data_lib
-from jaxsmooth.audit import plots as audit_plots
-from jaxsmooth.checkpoint import Checkpoints
 from jaxsmooth.config import ModelConfig
+from jaxsmooth.tools import audit, bert, cli
+from jaxsmooth.tools.audit import plots as audit_plots
+from jaxsmooth.train.checkpoint import Checkpoints
 
 HAVE_MINILM = importlib.util.find_spec(bert.MINILM_MODULE) is not None
 needs_minilm = pytest.mark.skipif(
@@ -39,11 +41,7 @@ REQUIRED_LAYER_KEYS = {"layer", "dominant_eigenvalue", "predicted_regime", "toke
 
 def packaged_config(spec: str):
     """The ConfigDict of a packaged config (`digits:quick`), loaded as `jaxsmooth train` loads it."""
-    path, _, args = cli.resolve_config(spec).partition(":")
-    mod_spec = importlib.util.spec_from_file_location("_audit_test_config", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.get_config(args or None)
+    return configs.load(spec)
 
 
 def random_params(config, seed: int = 0) -> dict:

@@ -1,4 +1,4 @@
-"""Augmentation and label smoothing (jaxsmooth.augment): targets stay distributions and say how much of
+"""Augmentation and label smoothing (jaxsmooth.data.augment): targets stay distributions and say how much of
 each image's pixels they came from; crops are shifts of the image and flips mirror it; a run with every
 augmentation on resumes bit for bit (the draws follow the step); bad settings are one-line errors."""
 
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from test_train import tiny, train_records
 
-from jaxsmooth import augment, cli, train
+from jaxsmooth import train
+from jaxsmooth.data import augment
+from jaxsmooth.tools import cli
 
 
 def _images(b=6, h=8, w=8, c=1):

@@ -1,4 +1,5 @@
-"""Tests of jaxsmooth.bert: the pure-JAX BERT encoder, on all-MiniLM-L6-v2 and on a tiny random checkpoint.
+"""Tests of jaxsmooth.tools.bert: the pure-JAX BERT encoder, on all-MiniLM-L6-v2 and on a tiny random
+checkpoint.
 
 The MiniLM tests need the model package (skipped, with the install command, if it is absent); the tiny
 random-checkpoint tests always run.
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxsmooth import bert
+from jaxsmooth.tools import bert
 
 HAVE_MINILM = importlib.util.find_spec(bert.MINILM_MODULE) is not None
 needs_minilm = pytest.mark.skipif(
@@ -26,7 +27,7 @@ needs_minilm = pytest.mark.skipif(
 
 # ----------------------------------------------------------------------------- independent numpy reference
 # Written straight from the BERT equations on the *raw* checkpoint tensors (torch names, Linear weights
-# [out, in], y = x W^T + b), in float64, sharing no code with jaxsmooth.bert.
+# [out, in], y = x W^T + b), in float64, sharing no code with jaxsmooth.tools.bert.
 
 
 def np_layer_norm(x, g, b, eps):

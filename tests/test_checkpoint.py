@@ -1,4 +1,5 @@
-"""jaxsmooth.checkpoint on small pytrees: round trip, retention, and only verified steps restored. Corrupt
+"""jaxsmooth.train.checkpoint on small pytrees: round trip, retention, and only verified steps restored.
+Corrupt
 checkpoints (bad checksums, or no checksum file and contents that do not match the digests saved with
 them) are detected, reported, moved aside, and the previous good one restored; an intact checkpoint that
 does not fit is refused without being moved; a full disk during a save leaves the earlier steps intact."""
@@ -14,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsmooth import workdir as wd
-from jaxsmooth.checkpoint import (
+from jaxsmooth.train import workdir as wd
+from jaxsmooth.train.checkpoint import (
     CHECKSUM_FILE,
     META_ITEM,
     CheckpointError,

@@ -1,4 +1,4 @@
-"""jaxsmooth.convert: the projection onto a spectral constraint is exact for an H already inside it and
+"""jaxsmooth.tools.convert: the projection onto a spectral constraint is exact for an H already inside it and
 Frobenius-nearest otherwise (no random in-constraint H is nearer; the error splits into the skew part and
 the clipped eigenvalues); the head assignment is the best of all partitions; converted layers attend
 exactly as their source and keep (or drop) the biases' DC term as asked; converting a layer or model that
@@ -16,9 +16,10 @@ import scipy.linalg
 from flax import nnx
 from test_bert import TINY, tiny_tensors, write_tiny
 
-from jaxsmooth import Spectrum, bert, convert, spectral
+from jaxsmooth import Spectrum, spectral
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx import Attention, CausalLM, SpectralAttention, ViT
+from jaxsmooth.tools import bert, convert
 
 D, HEADS = 8, 2
 
@@ -305,8 +306,10 @@ def test_command_line_writes_a_bert_directory_that_loads_back(tmp_path, capsys):
 
 
 def test_command_line_converts_a_run_directory(tmp_path):
-    from jaxsmooth import checkpoint, cli, optim, train
     from jaxsmooth import data as data_lib
+    from jaxsmooth import train
+    from jaxsmooth.tools import cli
+    from jaxsmooth.train import checkpoint, optim
 
     args = ["--config", "digits:quick,mode=none", "--config.model.depth=2", "--config.model.d_model=16",
             "--config.model.num_heads=2"]  # fmt: skip

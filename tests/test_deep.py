@@ -3,7 +3,7 @@
 A 1000-layer DeepNorm ViT used to collapse to an input-independent output within ~100 steps at lr 1e-3:
 every block's two LayerNorms sit on the main path, so Adam's ~lr-sized steps on their 2L gains and biases
 move the output by ~2L lr per step (experiments/results/deep/README.md). `ModelConfig.ln_lr="depth"` scales
-those updates by 1 / (2L) (`jaxsmooth.optim.lr_scales`). These tests check that factor exactly, and that
+those updates by 1 / (2L) (`jaxsmooth.train.optim.lr_scales`). These tests check that factor exactly, and that
 a narrow 400-layer stack trained at the packaged learning rate keeps its [CLS] output input-dependent
 (without the factor, the [CLS] features are the same for every image by step 30).
 """
@@ -15,11 +15,13 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxsmooth import ModelConfig, Spectrum, optim, train
+from jaxsmooth import ModelConfig, Spectrum, train
 from jaxsmooth.data import load_digits
 from jaxsmooth.nnx import ViT
+from jaxsmooth.train import optim
 
-# configs/deep1000.py's optimiser (lr 1e-3, clip 1, AdamW wd 0.05), with a 5-step warmup so the packaged
+# jaxsmooth/configs/deep1000.py's optimiser (lr 1e-3, clip 1, AdamW wd 0.05), with a 5-step warmup so the
+# packaged
 # peak learning rate is reached within the test's few dozen steps.
 OPT = dict(lr=1e-3, warmup_steps=5, schedule="constant", decay_steps=100, end_lr_fraction=1.0,
            weight_decay=0.05, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)  # fmt: skip

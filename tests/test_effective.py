@@ -4,8 +4,6 @@ parameters, the effective map's eigenvalues stay on the mode's side of zero; the
 exactly that map; and the standard pre-LN value path (value_norm="ln") breaks the promise under the same
 gains, so the test can fail."""
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,15 +11,13 @@ import pytest
 from flax import nnx
 
 import jaxsmooth
-from jaxsmooth import cli, theory
+from jaxsmooth import configs, theory
 from jaxsmooth.config import ModelConfig
+from jaxsmooth.tools import cli
 
 
 def _packaged_model_config(name: str, mode: str, basis: str | None = None) -> ModelConfig:
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", cli.configs_dir() / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.get_config(f"quick,mode={mode}").model.to_dict()
+    model = configs.load(f"{name}:quick,mode={mode}").model.to_dict()
     if basis:
         model["spectrum"]["basis"] = basis
     # The promise is per layer: two layers of the packaged block (its residual type, value path, LN gain

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxsmooth import jsonl, runlog, study
+from jaxsmooth.tools import study
+from jaxsmooth.train import jsonl, runlog
 
 LR_RESULTS = Path(__file__).parents[1] / "experiments" / "results" / "lr.jsonl"
 

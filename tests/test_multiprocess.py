@@ -32,7 +32,7 @@ from test_parallel import (
     two_processes,
 )
 
-from jaxsmooth import checkpoint, parallel
+from jaxsmooth.train import checkpoint, parallel
 
 # Long enough never to finish; checkpoints every 2 steps, nothing else periodic (no statistics or
 # evaluation programs run, though all are compiled before the first step).

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxsmooth.config import ModelConfig, Spectrum
 from jaxsmooth.nnx import CausalLM, ViT
-from jaxsmooth.optim import make_optimizer, make_schedule, weight_decay_mask
+from jaxsmooth.train.optim import make_optimizer, make_schedule, weight_decay_mask
 
 
 def _opt(**kw):

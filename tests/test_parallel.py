@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from conftest import XLA_CACHE_ENV
 
-from jaxsmooth import checkpoint, cli, train
+from jaxsmooth import train
+from jaxsmooth.tools import cli
+from jaxsmooth.train import checkpoint
 
 # The tiny run of test_train.py and its persistent XLA cache (same programs, so compiled code is shared).
 CACHE_ENV = XLA_CACHE_ENV
@@ -35,7 +37,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import jax
-    from jaxsmooth import cli, train
+    from jaxsmooth import train
+    from jaxsmooth.tools import cli
     overrides = sys.argv[2:]
     out = {"devices": jax.device_count()}
     config, _, _ = cli.parse_train_args(["--config", "digits:quick", *overrides])

@@ -1,11 +1,11 @@
-"""jaxsmooth.runtime: when `jaxsmooth train` re-executes itself under a caching allocator, and with what
+"""jaxsmooth.train.runtime: when `jaxsmooth train` re-executes itself under a caching allocator, and with what
 environment. (The re-execution itself is exercised by test_train.py::test_cli_sigterm_then_resume.)"""
 
 import sys
 
 import pytest
 
-from jaxsmooth import runtime
+from jaxsmooth.train import runtime
 
 TC = ("libtcmalloc_minimal.so.4", {})
 JE = ("libjemalloc.so.2", {"MALLOC_CONF": "oversize_threshold:0,dirty_decay_ms:30000"})

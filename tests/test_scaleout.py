@@ -14,9 +14,11 @@ import pytest
 from conftest import XLA_CACHE_ENV
 from flax import nnx
 
-from jaxsmooth import cli, linalg, metrics, optim, train
+from jaxsmooth import linalg, metrics, train
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx import CausalLM, ViT
+from jaxsmooth.tools import cli
+from jaxsmooth.train import optim
 
 
 def _programs(name: str, mode: str, basis: str | None):

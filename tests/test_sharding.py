@@ -1,4 +1,5 @@
-"""Sharded parameters (jaxsmooth.parallel): every parameter of every model variant has logical names that
+"""Sharded parameters (jaxsmooth.train.parallel): every parameter of every model variant has logical names
+that
 each rule set maps to a valid mesh spec; invalid specs are refused naming the parameter; and with 4
 emulated CPU devices, a spectral ViT trained with its parameters (and Adam moments) split tensor-parallel
 over a ("data", "model") = (2, 2) mesh logs the losses of the unsharded run, as does the trainer with
@@ -17,9 +18,11 @@ from conftest import XLA_CACHE_ENV
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxsmooth import Spectrum, cli, parallel, train
+from jaxsmooth import Spectrum, train
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx import CausalLM, ViT
+from jaxsmooth.tools import cli
+from jaxsmooth.train import parallel
 
 MESH = {"data": 2, "model": 2}
 VARIANTS = [
@@ -101,7 +104,9 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     import ml_collections
     from flax import nnx
-    from jaxsmooth import Spectrum, cli, optim, parallel, train
+    from jaxsmooth import Spectrum, train
+    from jaxsmooth.tools import cli
+    from jaxsmooth.train import optim, parallel
     from jaxsmooth.config import ModelConfig
     from jaxsmooth.nnx import ViT
 

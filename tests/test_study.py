@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import XLA_CACHE_ENV
 
-from jaxsmooth import study
+from jaxsmooth.tools import study
 
 SPECS = Path(__file__).parents[1] / "experiments" / "studies"
 

@@ -6,7 +6,6 @@ cache for its runs (and its subprocesses); every run uses the same programs (con
 changing train.steps does not change them).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,10 +21,12 @@ import numpy as np
 import pytest
 from conftest import XLA_CACHE_ENV
 
-from jaxsmooth import cli, runtime, train
+from jaxsmooth import configs, train
 from jaxsmooth import data as data_lib
-from jaxsmooth import workdir as wd
-from jaxsmooth.checkpoint import CHECKSUM_FILE, META_ITEM, CheckpointError, Checkpoints, verify
+from jaxsmooth.tools import cli
+from jaxsmooth.train import runtime
+from jaxsmooth.train import workdir as wd
+from jaxsmooth.train.checkpoint import CHECKSUM_FILE, META_ITEM, CheckpointError, Checkpoints, verify
 
 N = 6  # steps of the reference run; checkpoints every 2
 CACHE_ENV = XLA_CACHE_ENV  # conftest: the persistent compilation cache, also for the CLI subprocesses
@@ -41,16 +42,7 @@ pytestmark = pytest.mark.usefixtures("xla_cache")  # conftest: the persistent co
 
 
 def tiny(steps: int = N, **overrides):
-    spec = importlib.util.spec_from_file_location("digits_cfg", cli.configs_dir() / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("quick")
-    for key, value in {**TINY, "train.steps": steps, **overrides}.items():
-        section, field = key.rsplit(".", 1)
-        node = c
-        for part in section.split("."):
-            node = node[part]
-        node[field] = value
+    c = configs.load("digits:quick", {**TINY, "train.steps": steps, **overrides})
     return c
 
 
@@ -272,7 +264,9 @@ def _data_files(step_dir):
 # Run in a subprocess: train the tiny run, SIGKILLed between Orbax's commit of step 4 and its checksum file.
 _KILL_BEFORE_CHECKSUM = """
 import os, signal, sys
-from jaxsmooth import checkpoint, cli, train, workdir
+from jaxsmooth import train
+from jaxsmooth.train import checkpoint, workdir
+from jaxsmooth.tools import cli
 config = cli.parse_train_args(sys.argv[2:])[0]
 write = workdir.atomic_write_text
 def killing(path, text):

@@ -14,13 +14,14 @@ import time
 import pytest
 from conftest import XLA_CACHE_ENV
 
-from jaxsmooth import checkpoint, watchdog
+from jaxsmooth.train import checkpoint, watchdog
 
 HANG_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import jax, jax.numpy as jnp, numpy as np
-    from jaxsmooth import cli, train
+    from jaxsmooth import train
+    from jaxsmooth.tools import cli
 
     workdir, hang_at, *overrides = sys.argv[1:]
 

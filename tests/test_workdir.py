@@ -1,4 +1,5 @@
-"""jaxsmooth.workdir without training: the workdir lock (a second holder refused and named, a dead holder's
+"""jaxsmooth.train.workdir without training: the workdir lock (a second holder refused and named, a dead
+holder's
 lock taken over), atomic metadata writes that keep the old file on failure, damaged metadata named,
 start-up checks of the path, and which config changes may resume a checkpoint."""
 
@@ -13,9 +14,10 @@ import time
 import ml_collections
 import pytest
 
-from jaxsmooth import cli, runtime
-from jaxsmooth import workdir as wd
 from jaxsmooth.config import ModelConfig
+from jaxsmooth.tools import cli
+from jaxsmooth.train import runtime
+from jaxsmooth.train import workdir as wd
 
 
 def _packaged(name: str, arg: str = "quick") -> ml_collections.ConfigDict:
@@ -270,7 +272,8 @@ def test_cli_errors_are_one_or_two_lines(tmp_path, capsys):
 
 
 def test_cli_non_utf8_corpus_and_char_file_override(tmp_path, capsys):
-    """configs/shakespeare_char.py documents --config.data.name=char_file --config.data.kwargs.path=FILE."""
+    """jaxsmooth/configs/shakespeare_char.py documents --config.data.name=char_file
+    --config.data.kwargs.path=FILE."""
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9 au lait ".encode("latin-1") * 20)
     base = [

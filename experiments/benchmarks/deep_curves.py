@@ -5,12 +5,13 @@
         [--workdir-root DIR] [--order mode|depth]
 
 Each (mode, depth) is one run of the real trainer (`jaxsmooth.train.train`) on this checkout's
-configs/deep1000.py (DeepNorm, width 32, 2 heads, digits in 2x2 patches, batch 32, lr 1e-3, warmup 200,
+jaxsmooth/configs/deep1000.py (DeepNorm, width 32, 2 heads, digits in 2x2 patches, batch 32, lr 1e-3, warmup
+200,
 cosine over --steps) with `depth=<d>,mode=<m>`, in a temporary workdir or DIR/d<depth>_<mode>: the
 training loss every 10 steps, the test accuracy every 100 steps and at the end, and the training time
 (the run's clock from its first to its last logged step). A finished run found in DIR is resumed, which
 trains no further steps, so its records are reused: a long depth-1000 run can be made once, with
-`jaxsmooth train --config configs/deep1000.py:mode=<m> --workdir DIR/d1000_<m>`, and collected here.
+`jaxsmooth train --config jaxsmooth/configs/deep1000.py:mode=<m> --workdir DIR/d1000_<m>`, and collected here.
 `--set` overrides any config field for every run, e.g. `--set model.ln_lr=none` for the library's
 behaviour before the LayerNorm learning-rate factor (the collapse). The PNG (next to the JSON) has one
 panel per mode: loss against step, one line per depth, ln 10 (chance) dashed.
@@ -29,7 +30,7 @@ from pathlib import Path
 import common
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # experiments/: deep_diagnosis
-from deep_diagnosis import load_config  # noqa: E402  (this checkout's configs/deep1000.py)
+from deep_diagnosis import load_config  # noqa: E402  (this checkout's jaxsmooth/configs/deep1000.py)
 
 from jaxsmooth import train  # noqa: E402
 
@@ -97,7 +98,9 @@ def main(argv=None):
     ap.add_argument(
         "--modes", default="sharpen", help="comma-separated spectrum modes (none = unconstrained)"
     )
-    ap.add_argument("--steps", type=int, default=1000, help="the packaged budget of configs/deep1000.py")
+    ap.add_argument(
+        "--steps", type=int, default=1000, help="the packaged budget of jaxsmooth/configs/deep1000.py"
+    )
     ap.add_argument("--set", action="append", default=[], help="section.field=value, for every run")
     ap.add_argument("--out", default="experiments/results/deep/curves.json")
     ap.add_argument("--workdir-root", default=None, help="keep runs in DIR/d<depth>_<mode> (resumable)")

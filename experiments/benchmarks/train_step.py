@@ -16,7 +16,8 @@ per-step process CPU time (user + sys) and minor page faults, which are much les
 machine than wall time.
 
 Allocator: a variant name ending in "+tcmalloc" runs its worker with the caching allocator that
-`jaxsmooth train` uses (`jaxsmooth.runtime`) in LD_PRELOAD, torch as well as jaxsmooth, so each framework
+`jaxsmooth train` uses (`jaxsmooth.train.runtime`) in LD_PRELOAD, torch as well as jaxsmooth, so each
+framework
 is compared with the other on the same allocator. Other variants use glibc malloc.
 
 FLOP/s: model FLOPs are counted by hand (matmuls only, backward = 2x forward; `common.hand_flops`); XLA's
@@ -34,7 +35,7 @@ import common
 import jax
 import numpy as np
 
-from jaxsmooth import runtime
+from jaxsmooth.train import runtime
 
 VARIANTS = {
     "f32": dict(spectral=False),

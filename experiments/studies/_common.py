@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxsmooth import study
+from jaxsmooth.tools import study
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

@@ -1,4 +1,5 @@
-"""The packaged deep configs as shipped (configs/deep1000.py: DeepNorm, width 32, digits, 1,000 steps):
+"""The packaged deep configs as shipped (jaxsmooth/configs/deep1000.py: DeepNorm, width 32, digits, 1,000
+steps):
 depth 1000 and depth 100, spectral (sharpen, the default), unconstrained and smooth, seed 0. The bar they
 are held to: at least 0.90 test accuracy within the config's own step budget; records carry the wall time.
 

@@ -1,5 +1,6 @@
 """The full-size depth study, for a GPU: ViT-Tiny on CIFAR-100 with the paper authors' recipe
-(configs/cifar100.py, recipe=paper; docs/experiments.md "Full-size configs"), every variant at depths
+(jaxsmooth/configs/cifar100.py, recipe=paper; docs/experiments.md "Full-size configs"), every variant at
+depths
 12 / 24 / 48, three seeds, 5,000 training images held out for best-validation selection. One learning
 rate (the recipe's 1.25e-4) for every variant. CIFAR ships in no package: point JAXSMOOTH_CIFAR_DIR at the
 extracted cifar-100-python directory.

@@ -1,4 +1,5 @@
-"""Depth stability: 100, 300 and 1000 layers at small width (configs/deep1000.py: width 32, 2 heads, digits
+"""Depth stability: 100, 300 and 1000 layers at small width (jaxsmooth/configs/deep1000.py: width 32, 2
+heads, digits
 in 2x2 patches = 17 tokens, batch 32, nested remat), DeepNorm vs post-LN vs pre-LN, each unconstrained and
 spectral (sharpen), three seeds, one fixed budget (STEPS optimiser steps, lr 1e-3, WARMUP warmup steps,
 cosine). A run that goes non-finite is recorded as diverged (train.on_nonfinite="record"), not an error.

@@ -25,7 +25,7 @@ What differs, and why (docs/design.md):
   rotation. `kernel_init` / `bias_init` apply to the Q and K projections (and the baseline's V and O).
 - Parameters are W[in, out] matrices (w_q, w_k, w_v, w_o), not Flax's [in, heads, head_dim] kernels; every
   parameter carries logical sharding names (`out_sharding` metadata: "embed", "heads", "mlp", ...) that
-  `nnx.get_partition_spec` returns under `jaxsmooth.parallel` sharding rules.
+  `nnx.get_partition_spec` returns under `jaxsmooth.train.parallel` sharding rules.
 
 Initialisation (ViT-style): xavier-uniform matrices, zero biases; DeepNorm's beta multiplies W_V, W_O and
 both MLP matrices (not W_Q, W_K); for spectral attention beta^2 multiplies the initial eigenvalues.
@@ -57,7 +57,7 @@ def param(kind: type[nnx.Variable], value: Any, names: Sequence[str | None], **m
 
     `value` may be a plain array, or the `VariableMetadata` an initializer wrapped by
     `nnx.with_partitioning` returns: the user's partitioning then wins over `names`, as in Flax. Our own
-    names are attached without eager sharding, so a model builds without a mesh; `jaxsmooth.parallel`
+    names are attached without eager sharding, so a model builds without a mesh; `jaxsmooth.train.parallel`
     maps them onto a mesh when one is used.
     """
     if isinstance(value, nnx.variablelib.VariableMetadata):
@@ -83,7 +83,8 @@ class LayerNorm(nnx.Module):
       d: width D.
       gain: "free" (a plain gain) or "positive" (softplus of a free parameter, starting at 1).
       eps: added to the variance.
-      lr_scale: stored as `lr_scale` metadata on the gain and bias when != 1; `jaxsmooth.optim` multiplies
+      lr_scale: stored as `lr_scale` metadata on the gain and bias when != 1; `jaxsmooth.train.optim`
+      multiplies
         their updates by it (DeepNorm's main-path LayerNorms, `ModelConfig.ln_lr`).
     """
 
@@ -138,7 +139,7 @@ def _check_int(name: str, value: Any) -> int:
     return int(value)
 
 
-class _AttentionBase(nnx.Module):
+class AttentionBase(nnx.Module):
     """Q/K projections, the optional Wang et al. branch scales, dropout, the KV cache and the forward.
 
     Subclasses supply `value_output() -> (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None)`.
@@ -427,7 +428,7 @@ def _get(v):
     return None if v is None else v[...]
 
 
-class Attention(_AttentionBase):
+class Attention(AttentionBase):
     """Unconstrained multi-head attention (the baseline): `nnx.MultiHeadAttention`'s signature, with
     W_V, W_O free and H = W_V W_O available as `effective_h()` / `eigenvalues()`.
 
@@ -492,7 +493,7 @@ class Attention(_AttentionBase):
         return eigvals_by_modulus(np.asarray(self.effective_h(), np.float64))
 
 
-class SpectralAttention(_AttentionBase):
+class SpectralAttention(AttentionBase):
     """Attention with W_V = V diag(lambda), W_O = V^-1 (docs/theory.md): the eigenvalues of H = W_V W_O
     are lambda, held in `spectrum`'s interval for any parameter values.
 

@@ -79,7 +79,7 @@ class Block(nnx.Module):
     ):  # fmt: skip
         """mask: Flax-style boolean attention mask [B, 1, T, S] (or None); mask_BxT: the [B, T] padding
         mask the statistics exclude. value_output: this layer's precomputed (w_v, w_o, b_v, b_o), see
-        `_AttentionBase.attend`. decode: attend through the attention's KV cache. drop_path: this layer's
+        `AttentionBase.attend`. decode: attend through the attention's KV cache. drop_path: this layer's
         stochastic-depth rate (applied with dropout_key only)."""
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         if drop_path is None or dropout_key is None:

@@ -266,7 +266,7 @@ def _expected_shapes(cfg: BertConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     }
 
 
-def _detect_prefix(keys: Sequence[str]) -> str:
+def detect_prefix(keys: Sequence[str]) -> str:
     for prefix in ("bert.", ""):
         if any(k.startswith(prefix + "embeddings.") for k in keys):
             return prefix
@@ -293,7 +293,7 @@ def params_from_tensors(tensors: Mapping[str, np.ndarray], cfg: BertConfig) -> P
 
     Raises ``BertCheckpointError`` listing every missing key and every shape mismatch.
     """
-    prefix = _detect_prefix(list(tensors))
+    prefix = detect_prefix(list(tensors))
     shapes = _expected_shapes(cfg)
     missing: list[str] = []
     mismatched: list[str] = []

@@ -4,9 +4,9 @@
                     [--restart] [--print_config]
                     [--coordinator_address HOST:PORT --num_processes N --process_id I]
     jaxsmooth configs          (the packaged configs, one line each)
-    jaxsmooth audit ...        (jaxsmooth.audit.main)
+    jaxsmooth audit ...        (jaxsmooth.tools.audit.main)
 
-`--config` takes a config file (`configs/x.py:quick`) or the name of a packaged config (`digits:quick`,
+`--config` takes a config file (`path/to/x.py:quick`) or the name of a packaged config (`digits:quick`,
 see `jaxsmooth train --help`); overrides follow ml_collections.config_flags (`--config.train.steps=200`,
 `--config.model.spectrum.mode=smooth`). Without --config, train runs the default config (digits).
 Without --workdir, the run goes to ./runs/<config.name>. Rerunning with the same workdir resumes.
@@ -21,7 +21,6 @@ loop saves a checkpoint first).
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import re
 import signal
@@ -29,20 +28,30 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-DEFAULT_CONFIG = "digits"
+from jaxsmooth import configs
+from jaxsmooth.tools.arguments import (  # noqa: F401 - the command line's parsing, named here too
+    DEFAULT_CONFIG,
+    UsageError,
+    check_overrides,
+    load_config_file,
+    parse_train_args,
+    parse_train_options,
+    resolve_config,
+)
+
 VERBS = {
     "train": "train a model from a config (resumes in an existing workdir)",
     "configs": "list the packaged configs, one line each",
-    "audit": "measure and predict per-layer smoothing of a run or a pretrained model (jaxsmooth.audit)",
-    "study": "run / report a study: a grid of runs with seeds and committed records (jaxsmooth.study)",
+    "audit": "measure and predict per-layer smoothing of a run or a pretrained model (jaxsmooth.tools.audit)",
+    "study": "run / report a study: a grid of runs with seeds and committed records (jaxsmooth.tools.study)",
     "sample": "print text sampled from a trained character LM (a run directory)",
-    "convert": "convert unconstrained attention weights to spectral ones (jaxsmooth.convert)",
+    "convert": "convert unconstrained attention weights to spectral ones (jaxsmooth.tools.convert)",
 }
 
 TRAIN_USAGE = """usage: jaxsmooth train [--config FILE[:ARGS] | NAME[:ARGS]] [--workdir DIR] [--config.X=V]
                        [--restart] [--print_config]
 
-  --config        a config file (configs/x.py:quick) or a packaged config name (default: digits)
+  --config        a config file (path/to/x.py:quick) or a packaged config name (default: digits)
   --workdir       output and checkpoint directory (default: ./runs/<config.name>); rerun to resume
   --config.a.b=v  override one field, e.g. --config.train.steps=200 --config.model.spectrum.mode=smooth
   --restart       start over from step 0; the workdir's previous files are kept as metrics.1.jsonl, ...
@@ -55,24 +64,13 @@ packaged configs: {names} ('jaxsmooth configs' describes them)
 """
 
 
-class UsageError(ValueError):
-    """A bad command line or config file (exit status 2)."""
-
-
 def configs_dir() -> Path:
-    """Where the packaged configs live: the `jaxsmooth.configs` package of an installed wheel, else the
-    repository's top-level configs/ (a source checkout or an editable install without the mapping)."""
-    try:
-        spec = importlib.util.find_spec("jaxsmooth.configs")
-    except ModuleNotFoundError:
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parent.parent / "configs"
+    """Where the packaged configs live (`jaxsmooth.configs.directory()`)."""
+    return configs.directory()
 
 
 def config_names() -> list[str]:
-    return sorted(p.stem for p in configs_dir().glob("*.py") if not p.stem.startswith("_"))
+    return configs.names()
 
 
 def config_summary(path: Path, width: int = 100) -> str:
@@ -100,121 +98,6 @@ def configs_main(argv: list[str]) -> int:
     return 0
 
 
-def resolve_config(spec: str) -> str:
-    """`NAME[:ARGS]` of a packaged config -> `/path/NAME.py[:ARGS]`; file paths are returned unchanged."""
-    name, sep, args = spec.partition(":")
-    if name.endswith(".py") or "/" in name or Path(name).is_file():
-        if not Path(name).is_file():
-            raise UsageError(f"config file {name} does not exist; give a config file or one of "
-                             f"{', '.join(config_names())}")  # fmt: skip
-        return spec
-    path = configs_dir() / f"{name}.py"
-    if not path.is_file():
-        raise UsageError(f"unknown config {name!r}: not a file, and not one of {', '.join(config_names())}")
-    return f"{path}{sep}{args}"
-
-
-def load_config_file(spec: str):
-    """Run a resolved `FILE[:ARGS]`'s get_config as config_flags will, so that a broken file fails with
-    one line naming it (config_flags prints a long traceback). Returns the ConfigDict."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("jaxsmooth_user_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise UsageError(f"config file {path} is not a Python file")
-    try:
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise UsageError(f"config file {path} has no get_config() function")
-        return module.get_config(arg) if arg else module.get_config()
-    except UsageError:
-        raise
-    except SyntaxError as e:
-        raise UsageError(f"config file {path} has a syntax error at line {e.lineno}: {e.msg}") from None
-    except (ValueError, TypeError) as e:  # the packaged configs' argument and field checks
-        raise UsageError(f"--config {Path(path).name}{':' + arg if arg else ''}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a user's file can raise anything
-        tb = e.__traceback__
-        line = None
-        while tb is not None:  # the deepest frame inside the config file
-            if tb.tb_frame.f_code.co_filename == str(path):
-                line = tb.tb_lineno
-            tb = tb.tb_next
-        where = f" (line {line})" if line else ""
-        raise UsageError(f"config file {path} failed{where}: {type(e).__name__}: {e}") from None
-
-
-def check_overrides(config, argv: list[str]) -> None:
-    """Every `--config.a.b=v` must name a field of the config; raise UsageError naming the unknown one
-    and the fields that exist there (config_flags reports only `AttributeError: "'b'"`)."""
-    for a in argv:
-        m = re.match(r"^--?config\.([^=]+)(=|$)", a)
-        if not m:
-            continue
-        node, done = config, []
-        for part in m.group(1).split("."):
-            keys = list(node.keys()) if hasattr(node, "keys") else None
-            if keys is None:
-                raise UsageError(f"{a.split('=')[0]}: {'.'.join(done)} is a value, not a section")
-            if part not in keys:
-                where = ".".join(done) or "the config"
-                raise UsageError(
-                    f"unknown config field {'.'.join([*done, part])!r} in {a.split('=')[0]}; "
-                    f"{where} has: {', '.join(keys)}"
-                )
-            node, done = node[part], [*done, part]
-
-
-def _normalise_config_flag(argv: list[str]) -> list[str]:
-    """`--config X` -> `--config=<resolved X>` (config_flags reads the value from the same argv)."""
-    out, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("--config", "-config") and i + 1 < len(argv):
-            out.append("--config=" + resolve_config(argv[i + 1]))
-            i += 2
-            continue
-        if a.startswith(("--config=", "-config=")):
-            a = "--config=" + resolve_config(a.split("=", 1)[1])
-        out.append(a)
-        i += 1
-    return out
-
-
-def parse_train_args(argv: list[str]):
-    """(config, workdir or None, distributed dict) from `train`'s arguments (absl/config_flags)."""
-    return parse_train_options(argv)[:3]
-
-
-def parse_train_options(argv: list[str]):
-    """`parse_train_args` plus {"restart": bool, "print_config": bool}."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    argv = ["jaxsmooth train"] + _normalise_config_flag(list(argv))
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    spec = given[-1] if given else resolve_config(DEFAULT_CONFIG)  # absl: the last --config wins
-    check_overrides(load_config_file(spec), argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", resolve_config(DEFAULT_CONFIG), "config file or packaged config name", flag_values=fv,
-        lock_config=True, sys_argv=argv,
-    )  # fmt: skip
-    flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
-    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0", flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes", flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "multi-process: this process's id", flag_values=fv)
-    flags.DEFINE_boolean("restart", False, "start over from step 0 (previous files kept)", flag_values=fv)
-    flags.DEFINE_boolean("print_config", False, "print the resolved config and exit", flag_values=fv)
-    flags.DEFINE_alias("dry_run", "print_config", flag_values=fv)
-    rest = fv(argv)
-    if len(rest) > 1:
-        raise flags.Error(f"unexpected arguments {rest[1:]}")
-    dist = {k: fv[k].value for k in ("coordinator_address", "num_processes", "process_id")}
-    options = {"restart": fv.restart, "print_config": fv.print_config}
-    return fv.config, fv.workdir, dist, options
-
-
 def train_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help", "-help") for a in argv):
         print(TRAIN_USAGE.format(names=", ".join(config_names())))
@@ -235,7 +118,7 @@ def train_main(argv: list[str]) -> int:
     if options["print_config"]:
         return print_config(config)
 
-    from jaxsmooth import workdir as wd  # no JAX yet
+    from jaxsmooth.train import workdir as wd  # no JAX yet
 
     workdir = Path("runs") / config.name if workdir is None else workdir  # "" is refused by train
     # (parallel.distributed_args decides for real; this guess only skips the lock check below, jax-free.)
@@ -250,7 +133,8 @@ def train_main(argv: list[str]) -> int:
         print(f"jaxsmooth train: error: {wd.locked_message(workdir, holder)}", file=sys.stderr)
         return 1
 
-    from jaxsmooth import checkpoint, data, parallel, train
+    from jaxsmooth import data, train
+    from jaxsmooth.train import checkpoint, parallel
 
     try:
         multi_process = parallel.initialize(**dist)
@@ -282,7 +166,7 @@ def _say_joined() -> None:
     process 0, died; or a peer went silent): its own last words are a C++ abort and a stack trace."""
     import jax
 
-    from jaxsmooth import parallel
+    from jaxsmooth.train import parallel
 
     n = jax.process_count()
     print(
@@ -303,8 +187,8 @@ def _exit_after_peer_loss(e: Exception, workdir: Path) -> NoReturn:
     checkpoint writes, metrics file) already ran while the error unwound out of train()."""
     import jax
 
-    from jaxsmooth import checkpoint
-    from jaxsmooth import workdir as wd
+    from jaxsmooth.train import checkpoint
+    from jaxsmooth.train import workdir as wd
 
     steps = checkpoint.step_dirs(workdir)
     last = checkpoint.describe_last(workdir / "checkpoints", steps).rstrip(".")
@@ -324,7 +208,7 @@ def print_config(config) -> int:
     """`--print_config`: the config with every override and reference resolved, then its validation."""
     print(config)
     from jaxsmooth import train
-    from jaxsmooth import workdir as wd
+    from jaxsmooth.train import workdir as wd
 
     try:
         wd.check_finite(config.to_dict())
@@ -383,7 +267,8 @@ def sample_main(argv: list[str]) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxsmooth import checkpoint, train
+    from jaxsmooth import train
+    from jaxsmooth.train import checkpoint
 
     try:
         run = train.load_run(args.workdir, args.step)
@@ -422,7 +307,7 @@ def _exit_at_once(signum, frame) -> None:
     nothing is being saved, so exit now. os._exit, not an exception: unwinding while XLA compiles on other
     threads crashed the interpreter at exit (a segfault in 3 of 4 tries). The training loop installs its
     own handler, which saves a checkpoint first."""
-    from jaxsmooth import workdir as wd  # no JAX: cheap even during start-up
+    from jaxsmooth.train import workdir as wd  # no JAX: cheap even during start-up
 
     wd.release_all()
     name = signal.Signals(signum).name
@@ -434,7 +319,7 @@ def _exit_at_once(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a verb. From the command line (argv None), `train` first re-executes itself under a caching
-    memory allocator when one is installed (`jaxsmooth.runtime`), and Ctrl-C / SIGTERM outside the
+    memory allocator when one is installed (`jaxsmooth.train.runtime`), and Ctrl-C / SIGTERM outside the
     training loop exit at once (rc 130 / 143); a call with an explicit argv does neither."""
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -447,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, _exit_at_once)
         if from_command_line and not ({"-h", "--help"} & set(rest)):
-            from jaxsmooth import runtime
+            from jaxsmooth.train import runtime
 
             # Blocked signals stay blocked, and pending, across exec: a Ctrl-C while the new interpreter
             # starts is delivered once its main() has installed the handler again (then unblocks them).
@@ -465,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # a second Ctrl-C inside the loop (the first one saves and stops)
             if not from_command_line:
                 raise
-            from jaxsmooth import workdir as wd
+            from jaxsmooth.train import workdir as wd
 
             wd.release_all()
             print(
@@ -478,17 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     if verb == "configs":
         return configs_main(rest)
     if verb == "audit":
-        from jaxsmooth import audit  # lazily: written separately, imports its own dependencies
+        from jaxsmooth.tools import audit  # lazily: written separately, imports its own dependencies
 
         return int(audit.main(rest) or 0)
     if verb == "study":
-        from jaxsmooth import study
+        from jaxsmooth.tools import study
 
         return study.main(rest)
     if verb == "sample":
         return sample_main(rest)
     if verb == "convert":
-        from jaxsmooth import convert
+        from jaxsmooth.tools import convert
 
         return int(convert.main(rest) or 0)
     print(f"jaxsmooth: unknown command {verb!r}\n\n{usage()}", file=sys.stderr)

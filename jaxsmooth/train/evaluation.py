@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from jaxsmooth import data as data_lib
-from jaxsmooth import parallel
-from jaxsmooth import workdir as wd
+from jaxsmooth.train import parallel
+from jaxsmooth.train import workdir as wd
 
 
 def setting(config, dotted: str, default: Any) -> Any:

@@ -58,7 +58,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxsmooth import jsonl
+from jaxsmooth.train import jsonl
 
 PROTOCOL = 1  # bumped when what a record means changes (keys of old records then differ)
 DEFAULT_ROOT = Path("runs") / "studies"
@@ -193,11 +193,12 @@ def _keyed(config: dict) -> dict:
 def resolve(cell: Cell) -> tuple[Cell, Any]:
     """(the cell with its key, its resolved ConfigDict): the base config with the overrides applied and
     checked exactly as `jaxsmooth train` does."""
-    from jaxsmooth import cli, train
+    from jaxsmooth import train
+    from jaxsmooth.tools import arguments
 
     argv = ["--config", cell.config_spec] + cell.command("x")[6:]
     try:
-        config, _, _ = cli.parse_train_args(argv)
+        config, _, _ = arguments.parse_train_args(argv)
         config = config.copy_and_resolve_references()
         train.check_config(config)
     except Exception as e:  # noqa: BLE001 - any bad override is the spec's fault; name the cell

@@ -13,16 +13,9 @@ experiments/results/deep_configs.jsonl (`jaxsmooth study run experiments/studies
 Args (comma separated): quick; mode=<sharpen|smooth|neutral|free|none>; depth=<int>.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-try:  # the shared sections, fields and defaults (also when config_flags loads this file by path)
-    from jaxsmooth.configs import _common as common
-except ImportError:  # jaxsmooth.configs not installed (a source checkout): the _common.py beside this file
-    _spec = importlib.util.spec_from_file_location("_common", Path(__file__).with_name("_common.py"))
-    _spec.loader.exec_module(common := importlib.util.module_from_spec(_spec))
+from jaxsmooth.configs import _common as common  # the shared sections, fields and defaults
 
 KNOWN_ARGS = {"quick": False, "mode": "sharpen", "depth": 1000}
 

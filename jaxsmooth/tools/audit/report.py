@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxsmooth import theory
-from jaxsmooth.audit.loading import DEFAULT_MAX_LEN, MINILM, AuditError, load_model
-from jaxsmooth.audit.prediction import fold_description, spectral_audit
-from jaxsmooth.audit.spectra import gain_counts
+from jaxsmooth.tools.audit.loading import DEFAULT_MAX_LEN, MINILM, AuditError, load_model
+from jaxsmooth.tools.audit.prediction import fold_description, spectral_audit
+from jaxsmooth.tools.audit.spectra import gain_counts
 
 SCHEMA_VERSION = 2  # 2: the effective map per residual type (see the package docstring)
 REGIMES = theory.REGIMES
@@ -230,7 +230,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(f"wrote {save_json(result, args.json)}")
     if args.plots:
-        from jaxsmooth.audit import plots
+        from jaxsmooth.tools.audit import plots
 
         for p in plots.plot_audit(result, args.plots):
             print(f"wrote {p}")

@@ -7,7 +7,7 @@ PATH is one of
   - a jaxsmooth run directory (config.json + checkpoints/, as written by `jaxsmooth train`), its
     checkpoints/ directory, or one step checkpoints/<step> (default: the newest step);
   - a Hugging Face BERT-family directory (config.json, model.safetensors, tokenizer.json);
-  - the literal ``minilm``: the installed all-MiniLM-L6-v2 package (`jaxsmooth.bert.MINILM_INSTALL`).
+  - the literal ``minilm``: the installed all-MiniLM-L6-v2 package (`jaxsmooth.tools.bert.MINILM_INSTALL`).
 
 What is measured, per layer l = 1..L (tokens are rows; the x @ W convention, so H_l = W_V W_O):
   - eigenvalues of H_l: the dominant one (largest modulus; of a complex-conjugate pair the one with
@@ -24,7 +24,7 @@ What is measured, per layer l = 1..L (tokens are rows; the x @ W convention, so 
     centring's structural zero left out), and which fold was applied ("fold", in words). The LN gain
     read by the attention (pre-LN: the block's LN1; post-LN / DeepNorm jaxsmooth models: the previous
     block's LN2, none for layer 1; BERT: the previous layer's output LN, the embedding LN for layer 1,
-    `jaxsmooth.bert.ln_gains`) is summarised by sign counts either way, with "folded" saying whether it
+    `jaxsmooth.tools.bert.ln_gains`) is summarised by sign counts either way, with "folded" saying whether it
     enters M;
   - the regime `theory.predict(A_l, M_l)` gives, A_l the measured attention averaged over the inputs
     and the heads; and what H_l / alpha alone would predict ("h_alone": differs only where a gain is
@@ -93,7 +93,7 @@ counts), `prediction` (theory predictions per layer and head), `report` (the aud
 line), `plots` (PNG plots). Everything public is re-exported here.
 """
 
-from jaxsmooth.audit.loading import (
+from jaxsmooth.tools.audit.loading import (
     DEFAULT_MAX_LEN,
     DEFAULT_NUM_INPUTS,
     DEFAULT_SENTENCES,
@@ -103,9 +103,9 @@ from jaxsmooth.audit.loading import (
     load_model,
     restore_params,
 )
-from jaxsmooth.audit.prediction import dc_modes, prediction_summary, spectral_audit
-from jaxsmooth.audit.report import REGIMES, SCHEMA_VERSION, audit, format_table, main, save_json
-from jaxsmooth.audit.spectra import eig_summary, gain_counts, row_stochastic, sort_by_modulus
+from jaxsmooth.tools.audit.prediction import dc_modes, prediction_summary, spectral_audit
+from jaxsmooth.tools.audit.report import REGIMES, SCHEMA_VERSION, audit, format_table, main, save_json
+from jaxsmooth.tools.audit.spectra import eig_summary, gain_counts, row_stochastic, sort_by_modulus
 
 __all__ = [
     "DEFAULT_MAX_LEN",

@@ -23,9 +23,10 @@ log steps: the host never waits for the device except to log, evaluate or checkp
 loss, gradient norm or parameters are recorded on device in `bad_step`; it is checked at every log
 step and before every checkpoint, so a bad state is never saved and the error names the first bad step.
 
-Around the loop: `jaxsmooth.workdir` (lock, config comparison, atomic metadata), `jaxsmooth.checkpoint`
-(verified saves and restores), `jaxsmooth.runlog` (metrics.jsonl, TensorBoard, progress) and
-`jaxsmooth.evaluation` (splits, best-validation selection, the final evaluation).
+Around the loop: `jaxsmooth.train.workdir` (lock, config comparison, atomic metadata),
+`jaxsmooth.train.checkpoint`
+(verified saves and restores), `jaxsmooth.train.runlog` (metrics.jsonl, TensorBoard, progress) and
+`jaxsmooth.train.evaluation` (splits, best-validation selection, the final evaluation).
 """
 
 from __future__ import annotations
@@ -47,14 +48,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsmooth import augment, checkpoint, optim, parallel, runlog, runtime, tblog, watchdog
 from jaxsmooth import data as data_lib
-from jaxsmooth import workdir as wd
-from jaxsmooth.checkpoint import Checkpoints, NoUsableCheckpointError
 from jaxsmooth.config import ModelConfig
-from jaxsmooth.evaluation import BestParams, evaluate, final_evaluation, put, selection_score, setting
+from jaxsmooth.data import augment
 from jaxsmooth.nnx import CausalLM, ViT
-from jaxsmooth.runlog import read_metrics  # noqa: F401 - re-exported: train.read_metrics is used widely
+from jaxsmooth.train import checkpoint, optim, parallel, runlog, runtime, tblog, watchdog
+from jaxsmooth.train import workdir as wd
+from jaxsmooth.train.checkpoint import Checkpoints, NoUsableCheckpointError
+from jaxsmooth.train.evaluation import BestParams, evaluate, final_evaluation, put, selection_score, setting
+from jaxsmooth.train.runlog import read_metrics  # noqa: F401 - re-exported: train.read_metrics is used widely
 
 # Side length of the images of each built-in image dataset (before data.kwargs.pad_to), so a patch size
 # that does not divide the image fails before any data is loaded.
@@ -240,7 +242,7 @@ def make_train_step(
     aug: augment.Augment | None = None, num_classes: int = 0,
 ):  # fmt: skip
     """The pure train step (state, x, y) -> (state, metrics); see the module docstring. `aug`: image
-    augmentation / label smoothing (jaxsmooth.augment), drawn from the run's key and the step."""
+    augmentation / label smoothing (jaxsmooth.data.augment), drawn from the run's key and the step."""
 
     def train_step(state, x, y):
         step = state["step"]
@@ -464,7 +466,7 @@ def train(
     """Train (or resume) the run of `config` in `workdir`; returns the summary dict.
 
     Args:
-      config: the run config (see configs/).
+      config: the run config (see jaxsmooth/configs/).
       workdir: the run directory (created if missing; locked for the run's life).
       stop_after: stop after this global step as if interrupted (checkpoint, then `Interrupted`): for
         tests and time-boxed jobs; the schedule still follows config.opt.decay_steps.
@@ -498,7 +500,7 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
         moved = wd.archive_previous_run(workdir)
         if moved:
             warn(f"restart: starting over; the previous run's files are kept ({', '.join(moved)})")
-    checkpoint._sync("jaxsmooth_restart")
+    checkpoint.sync_processes("jaxsmooth_restart")
     config_dict = json.loads(config.to_json_best_effort())
     resolved = wd.resolved_config(config_dict, mcfg)
     total = config.train.steps
@@ -648,7 +650,7 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
     }
     if primary:
         wd.atomic_write_json(workdir / "summary.json", summary)
-        from jaxsmooth.plots import plot_curves  # matplotlib only now: it takes a second to import
+        from jaxsmooth.train.plots import plot_curves  # matplotlib only now: it takes a second to import
 
         tmp = workdir / ".curves.tmp.png"  # rendered aside, then renamed: never a half-written curves.png
         try:
@@ -669,7 +671,7 @@ def _train(config, mcfg: ModelConfig, workdir: Path, primary: bool, t_start, sto
 def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     """Data, mesh, model, optimiser and the initial state (placed on the mesh)."""
     d, t = config.data, config.train
-    # Parameter sharding (jaxsmooth.parallel.RULES); fields absent from older configs mean replicated.
+    # Parameter sharding (jaxsmooth.train.parallel.RULES); fields absent from older configs mean replicated.
     mesh = parallel.make_mesh(t.num_devices, t.get("model_parallel", 1))
     parallel.check_batch_size(d.batch_size, mesh)
     parallel.check_batch_size(d.eval_batch_size, mesh, "data.eval_batch_size")

@@ -24,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-from jaxsmooth import workdir as wd
+from jaxsmooth.train import workdir as wd
 
 TORN_SUFFIX = ".torn"  # the sidecar of set-aside torn tails: <name>.jsonl.torn
 _CHUNK = 1 << 16  # bytes read per step when looking back for the last newline
@@ -175,7 +175,7 @@ def _repair(fd: int, path: Path) -> int:
         os.fsync(sfd)
     finally:
         os.close(sfd)
-    wd._fsync_dir(side.parent)  # the sidecar's directory entry, should it be new
+    wd.fsync_dir(side.parent)  # the sidecar's directory entry, should it be new
     os.ftruncate(fd, start)
     os.fsync(fd)
     print(f"warning: {path}: set aside a torn last line ({len(tail)} bytes, left by a killed writer) in "

@@ -117,7 +117,7 @@ def load_model(
     """
     want = (texts, data, num_inputs)
     if str(path) == MINILM:
-        from jaxsmooth import bert
+        from jaxsmooth.tools import bert
 
         try:
             directory = bert.find_minilm()
@@ -155,7 +155,8 @@ def load_model(
 
 
 def _load_bert(directory: pathlib.Path, max_len: int, want: tuple, name: str | None = None) -> LoadedModel:
-    from jaxsmooth import bert, metrics
+    from jaxsmooth import metrics
+    from jaxsmooth.tools import bert
 
     directory = pathlib.Path(directory)
     weights = directory / bert.WEIGHTS_FILE
@@ -284,8 +285,9 @@ def _read_text_lines(data: str) -> list[str]:
 
 
 def restore_params(run_dir: pathlib.Path, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
-    """(step, params) of a run, read-only (`jaxsmooth.checkpoint.restore_params`); errors as AuditError."""
-    from jaxsmooth import checkpoint
+    """(step, params) of a run, read-only (`jaxsmooth.train.checkpoint.restore_params`); errors as
+    AuditError."""
+    from jaxsmooth.train import checkpoint
 
     try:
         return checkpoint.restore_params(run_dir, abstract_params, step)

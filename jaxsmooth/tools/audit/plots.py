@@ -1,4 +1,4 @@
-"""PNG plots of an oversmoothing audit (`jaxsmooth.audit`) or of a training run's metrics.jsonl.
+"""PNG plots of an oversmoothing audit (`jaxsmooth.tools.audit`) or of a training run's metrics.jsonl.
 
     plot_audit(result, out_dir)  smoothing.png    token cosine and HFC/LFC vs layer (0 = embedding output),
                                                   each layer's point coloured by the effect the spectrum
@@ -11,7 +11,7 @@
     plot_run(workdir, out_dir)   run_smoothing.png, run_eigenvalues.png from metrics.jsonl: the smoothing
                                  profile at every stats step and the eigenvalue range of H per layer
 
-`result` is the dict `jaxsmooth.audit.audit` returns, or the JSON it writes, loaded back. matplotlib's
+`result` is the dict `jaxsmooth.tools.audit.audit` returns, or the JSON it writes, loaded back. matplotlib's
 object API with the Agg canvas: no pyplot global state, works headless.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsmooth import jsonl
+from jaxsmooth.train import jsonl
 
 _EFFECT_COLOURS = {"smooth": "tab:red", "sharpen": "tab:blue"}
 

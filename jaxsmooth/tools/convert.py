@@ -3,7 +3,7 @@
     theta, psi, info = convert.nearest_spectral(h_DxD, jaxsmooth.Spectrum("sharpen"))
     layer = convert.from_attention(attn, Spectrum("smooth"), rngs=nnx.Rngs(0))   # Attention / nnx MHA
     model, report = convert.convert_model(vit, Spectrum("sharpen"))              # ViT, CausalLM, Transformer
-    params, report = convert.convert_bert(bert_params, bert_cfg, Spectrum("sharpen"))  # jaxsmooth.bert
+    params, report = convert.convert_bert(bert_params, bert_cfg, Spectrum("sharpen"))  # jaxsmooth.tools.bert
 
 Q and K (and their biases) are copied unchanged, so the converted layer attends exactly as the source
 did; only the value / output map H = W_V W_O is replaced, by its nearest point in the Frobenius norm.
@@ -321,12 +321,12 @@ def from_attention(
     Returns:
       the new layer, or (layer, info) with return_info.
     """
-    from jaxsmooth.nnx.layers import SpectralAttention, _AttentionBase
+    from jaxsmooth.nnx.layers import AttentionBase, SpectralAttention
 
     spectrum = _check_spectrum(spectrum)
     if isinstance(layer, nnx.MultiHeadAttention):
         src = _mha_weights(layer)
-    elif isinstance(layer, _AttentionBase):
+    elif isinstance(layer, AttentionBase):
         src = _own_weights(layer)
     else:
         raise ValueError(
@@ -499,14 +499,14 @@ def convert_bert(
     refine_steps: int = 0,
     refine_lr: float = 1e-2,
 ) -> tuple[dict, list[dict]]:
-    """`jaxsmooth.bert` params with every layer's W_V, W_O replaced by the spectral projection of H.
+    """`jaxsmooth.tools.bert` params with every layer's W_V, W_O replaced by the spectral projection of H.
 
     W_V := V diag(lambda), W_O := V^-1 (= V^T for the orthogonal basis), which compose to the projected
     H; the pure-JAX BERT forward runs unchanged. Q/K, LayerNorms and FFN are untouched. Heads take the
     eigenpairs `assign_heads` gives them (with assign=True).
 
     Args:
-      params: the `jaxsmooth.bert.load_bert` pytree.
+      params: the `jaxsmooth.tools.bert.load_bert` pytree.
       cfg: its `BertConfig`.
       spectrum: one constraint for all layers, or a sequence with one per layer (e.g. intervals scaled to
         each layer's own eigenvalues).
@@ -517,7 +517,7 @@ def convert_bert(
     Returns:
       (new_params, infos): a new pytree (the input is not modified) and one info dict per layer.
     """
-    from jaxsmooth import bert
+    from jaxsmooth.tools import bert
 
     n = cfg.num_hidden_layers
     specs = [spectrum] * n if isinstance(spectrum, Spectrum) else list(spectrum)
@@ -640,13 +640,13 @@ def _convert_bert_dir(src: Path | None, out: Path, spectrum: Spectrum, **kw) -> 
     """A converted copy of a Hugging Face BERT directory (new value / output tensors, same tokenizer)."""
     from safetensors.numpy import load_file, save_file
 
-    from jaxsmooth import bert
+    from jaxsmooth.tools import bert
 
     directory = bert.find_minilm() if src is None else src
     cfg, params = bert.load_bert(directory)
     new, infos = convert_bert(params, cfg, spectrum, **kw)
     tensors = load_file(str(directory / bert.WEIGHTS_FILE))
-    prefix = bert._detect_prefix(list(tensors))
+    prefix = bert.detect_prefix(list(tensors))
     lay = new["layers"]
     for i in range(cfg.num_hidden_layers):  # torch Linear layout: weight [out, in]
         for name, key in (("value", "attention.self.value"), ("attn_out", "attention.output.dense")):
@@ -663,7 +663,8 @@ def _convert_bert_dir(src: Path | None, out: Path, spectrum: Spectrum, **kw) -> 
 
 def _convert_run_dir(src: Path, out: Path, spectrum: Spectrum, step: int | None, **kw) -> list[dict]:
     """A converted copy of a jaxsmooth run: config.json with the new spectrum, one checkpoint."""
-    from jaxsmooth import checkpoint, optim, train
+    from jaxsmooth import train
+    from jaxsmooth.train import checkpoint, optim
 
     run = train.load_run(src, step)
     model, report = convert_model(run.model, spectrum, **kw)

@@ -12,10 +12,9 @@ field set (and commented) once here. A config file states only what differs: its
             opt=common.opt(train, warmup_steps=...),
         )
 
-The leading underscore keeps this module out of the config names `jaxsmooth train` lists. A config imports
-it as `jaxsmooth.configs._common`, also when ml_collections.config_flags loads the config by file path
-(so a copy of a config kept anywhere still works); only where jaxsmooth.configs is not installed (a
-source checkout) does a config load the _common.py beside it instead.
+The leading underscore keeps this module out of the config names `jaxsmooth train` lists. Configs import
+it as `jaxsmooth.configs._common`, also when ml_collections.config_flags loads a config by file path (so a
+copy of a config kept anywhere still works).
 Every field stays a plain value, or a typed placeholder (`config_dict.placeholder`) where it is unset, so
 `--config.<section>.<field>=value` overrides work for all of them.
 """
@@ -23,8 +22,6 @@ Every field stays a plain value, or a typed placeholder (`config_dict.placeholde
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -59,14 +56,8 @@ def parse_args(arg: str | None, known: dict[str, Any]) -> dict[str, Any]:
 
 
 def sibling(name: str) -> ModuleType:
-    """Another config of this directory, e.g. cifar100 reuses cifar10's recipe: imported from the package
-    when this module was, else loaded from its file."""
-    if __package__:
-        return importlib.import_module(f"{__package__}.{name}")
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Another packaged config, e.g. cifar100 reuses cifar10's recipe."""
+    return importlib.import_module(f"jaxsmooth.configs.{name}")
 
 
 def _is_flag(spec: Any) -> bool:
@@ -110,7 +101,7 @@ def config(
     c.model = model  # jaxsmooth.ModelConfig fields (model(), below)
     c.data = data  # dataset, batching (jaxsmooth.data; data(), below)
     c.train = train  # loop, logging, checkpoints (jaxsmooth.train; train(), below)
-    c.opt = opt  # optimiser (jaxsmooth.optim.make_optimizer; opt(), below)
+    c.opt = opt  # optimiser (jaxsmooth.train.optim.make_optimizer; opt(), below)
     return c
 
 
@@ -218,7 +209,7 @@ def train(quick: bool, *, steps: int, **overrides: Any) -> ml_collections.Config
     c.tensorboard = True  # also write TensorBoard event files to DIR/tensorboard (when tensorboardX is there)
     c.model_parallel = 1  # devices along the mesh's "model" axis (> 1: a 2-D ("data", "model") mesh)
     c.param_sharding = "replicated"  # replicated / tensor_parallel / fsdp / fsdp_tp (parallel.RULES)
-    # Step watchdog (jaxsmooth.watchdog): no step done in this many seconds -> stacks, exit 124.
+    # Step watchdog (jaxsmooth.train.watchdog): no step done in this many seconds -> stacks, exit 124.
     c.step_timeout_s = -1.0  # -1 = scaled to the step time (max(300 s, 100x the median)); 0 = off
     return _override(c, overrides, "train")
 
@@ -226,7 +217,8 @@ def train(quick: bool, *, steps: int, **overrides: Any) -> ml_collections.Config
 def opt(
     train: ml_collections.ConfigDict, *, warmup_steps: int, **overrides: Any
 ) -> ml_collections.ConfigDict:
-    """The optimiser (jaxsmooth.optim.make_optimizer); its schedule follows `train.steps`, also when that is
+    """The optimiser (jaxsmooth.train.optim.make_optimizer); its schedule follows `train.steps`, also when
+    that is
     overridden (`--config.train.steps=200`)."""
     c = ml_collections.ConfigDict()
     c.lr = 1e-3  # peak learning rate
@@ -234,7 +226,7 @@ def opt(
     c.schedule = "cosine"  # cosine | linear | constant (after warmup)
     c.decay_steps = train.get_ref("steps")  # schedule length: follows train.steps
     c.end_lr_fraction = 0.01  # final lr = end_lr_fraction * lr
-    c.weight_decay = 0.05  # AdamW decoupled decay, on matrices only (jaxsmooth.optim)
+    c.weight_decay = 0.05  # AdamW decoupled decay, on matrices only (jaxsmooth.train.optim)
     c.clip_norm = 1.0  # global gradient-norm clip
     c.b1 = 0.9  # Adam beta1
     c.b2 = 0.999  # Adam beta2

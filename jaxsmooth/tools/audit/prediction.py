@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from jaxsmooth import theory
-from jaxsmooth.audit.spectra import _c, _one_blas_thread, eig_summary, row_stochastic
+from jaxsmooth.tools.audit.spectra import complex_pair, eig_summary, one_blas_thread, row_stochastic
 
 
 def dc_modes(spec: theory.UpdateSpectrum, tol: float = 1e-6) -> np.ndarray:
@@ -55,15 +55,15 @@ def prediction_summary(pred: theory.Prediction, tol: float = 1e-6) -> dict:
         "second_abs_lambda_a": float(np.sort(np.abs(spec.eigvals_a))[-2]) if spec.eigvals_a.size > 1 else 0.0,
         "num_dominant": int(pred.dominant.size),
         # At most 8 listed: a degenerate spectrum (e.g. many zero eigenvalues of H) ties many pairs.
-        "dominant_mu": [_c(z) for z in pred.dominant_mu[:8]],
-        "dominant_lambda_a": [_c(z) for z in pred.dominant_lambda_a[:8]],
-        "dominant_lambda_h": [_c(z) for z in pred.dominant_lambda_h[:8]],
+        "dominant_mu": [complex_pair(z) for z in pred.dominant_mu[:8]],
+        "dominant_lambda_a": [complex_pair(z) for z in pred.dominant_lambda_a[:8]],
+        "dominant_lambda_h": [complex_pair(z) for z in pred.dominant_lambda_h[:8]],
     }
     if nxt < spec.mu.size:
         out["runner_up"] = {
-            "mu": _c(spec.mu[nxt]),
-            "lambda_a": _c(spec.lam_a[nxt]),
-            "lambda_h": _c(spec.lam_h[nxt]),
+            "mu": complex_pair(spec.mu[nxt]),
+            "lambda_a": complex_pair(spec.lam_a[nxt]),
+            "lambda_h": complex_pair(spec.lam_h[nxt]),
             "is_dc": bool(is_dc[nxt]),
         }
     return out
@@ -110,7 +110,7 @@ def spectral_audit(
       heads: include per-head entries.
       tol: tie tolerance of `theory.predict`.
     Returns:
-      One dict per layer (keys: the `jaxsmooth.audit` docstring).
+      One dict per layer (keys: the `jaxsmooth.tools.audit` docstring).
     """
     w_v = np.asarray(w_v_LxDxD, np.float64)
     w_o = np.asarray(w_o_LxDxD, np.float64)
@@ -120,7 +120,7 @@ def spectral_audit(
     n_heads = att.shape[1]
     k = d // n_heads
     fold = dict(residual=residual, value_norm=value_norm, alpha=alpha)
-    with _one_blas_thread():
+    with one_blas_thread():
         return [_layer_audit(l, w_v, w_o, gain, att, k, fold, heads, tol) for l in range(n_layers)]
 
 

@@ -1,6 +1,7 @@
 """The run directory kept safe: one trainer per workdir, metadata written atomically, the path and free
 space checked before anything is compiled, and a config compared against the one a checkpoint was made
-with. No JAX here: the trainer (jaxsmooth.train), the checkpoints (jaxsmooth.checkpoint) and the CLI use it.
+with. No JAX here: the trainer (jaxsmooth.train), the checkpoints (jaxsmooth.train.checkpoint) and the CLI
+use it.
 
 - `WorkdirLock`: an exclusive `fcntl.flock` on DIR/jaxsmooth.lock, held for the run's life; the file names
   the holder (pid, host, start time, command). The kernel drops the lock when its process dies, so a lock
@@ -109,7 +110,7 @@ def disk_full_error(path: Path | str, e: BaseException, what: str = "") -> DiskF
     )
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -143,7 +144,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         if is_disk_full(e):
             raise disk_full_error(path, e) from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -243,7 +244,7 @@ def archive_previous_run(workdir: Path) -> list[str]:
     for name in present:
         os.replace(workdir / name, numbered(name, k))
         moved.append(f"{name} -> {numbered(name, k).name}")
-    _fsync_dir(workdir)
+    fsync_dir(workdir)
     return moved
 
 

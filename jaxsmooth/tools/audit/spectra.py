@@ -8,7 +8,8 @@ import contextlib
 import numpy as np
 
 
-def _c(z: complex) -> list[float]:
+def complex_pair(z: complex) -> list[float]:
+    """[real, imaginary] of a complex number, as JSON holds it."""
     return [float(np.real(z)), float(np.imag(z))]
 
 
@@ -23,14 +24,14 @@ def eig_summary(ev: np.ndarray, with_values: bool = True) -> dict:
     """Dominant eigenvalue [re, im], modulus, real-part range and fraction with negative real part."""
     ev = sort_by_modulus(ev)
     out = {
-        "dominant_eigenvalue": _c(ev[0]),
+        "dominant_eigenvalue": complex_pair(ev[0]),
         "eig_abs_max": float(np.abs(ev[0])),
         "eig_real_min": float(ev.real.min()),
         "eig_real_max": float(ev.real.max()),
         "frac_negative_real": float(np.mean(ev.real < 0)),
     }
     if with_values:
-        out["eigenvalues"] = [_c(z) for z in ev]
+        out["eigenvalues"] = [complex_pair(z) for z in ev]
     return out
 
 
@@ -54,7 +55,7 @@ def row_stochastic(a_NxN: np.ndarray) -> np.ndarray:
     return a / np.where(np.abs(s_N) > 0, s_N, 1.0)
 
 
-def _one_blas_thread():
+def one_blas_thread():
     """Single-threaded BLAS/LAPACK for the eigen-analysis: the matrices are small (D <= ~1k), and threaded
     OpenBLAS on a busy machine (the JAX runtime, parallel tests) ran np.linalg.eig ~8x slower here."""
     try:

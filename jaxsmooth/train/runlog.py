@@ -17,9 +17,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxsmooth import jsonl, tblog, theory
-from jaxsmooth import workdir as wd
+from jaxsmooth import theory
 from jaxsmooth.config import ModelConfig
+from jaxsmooth.train import jsonl, tblog
+from jaxsmooth.train import workdir as wd
 
 # Per-layer statistics written to metrics.jsonl at stats steps (a subset of metrics.LAYER_STAT_KEYS).
 LOGGED_LAYER_STATS = ("token_cosine", "hfc_lfc")

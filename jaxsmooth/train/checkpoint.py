@@ -41,8 +41,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxsmooth import workdir as wd
-from jaxsmooth.workdir import IncompatibleWorkdirError
+from jaxsmooth.train import workdir as wd
+from jaxsmooth.train.workdir import IncompatibleWorkdirError
 
 CHECKSUM_FILE = "jaxsmooth_sha256.json"
 ITEM = "state"
@@ -174,7 +174,8 @@ def content_problem(
     return None
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (a no-op with one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -207,7 +208,7 @@ class Checkpoints:
         if self.primary and self.directory.is_dir():  # the run holds the workdir's lock: nobody else saves
             for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)  # now (Orbax's own cleanup runs in the background)
-        _sync("jaxsmooth_ckpt_cleanup")
+        sync_processes("jaxsmooth_ckpt_cleanup")
         with _quiet_absl():
             self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         self.reports: list[str] = []  # what was found corrupt, for the run's log
@@ -258,7 +259,7 @@ class Checkpoints:
                     " (the step itself is complete: its saved digests verify it on resume): free some "
                     "space, then rerun the same command to resume",
                 ) from None
-        _sync(f"jaxsmooth_ckpt_save_{step}")
+        sync_processes(f"jaxsmooth_ckpt_save_{step}")
 
     def _remove_partial(self, step: int, settle_s: float = 0.3, deadline_s: float = 10.0) -> None:
         """Remove what a failed save of `step` left behind.
@@ -363,7 +364,7 @@ class Checkpoints:
             dest = self.corrupt_directory / f"{step}-{int(time.time())}"
             shutil.move(str(self.directory / str(step)), dest)
             msg += f"; moved to {dest}"
-        _sync(f"jaxsmooth_ckpt_quarantine_{step}")
+        sync_processes(f"jaxsmooth_ckpt_quarantine_{step}")
         self._manager.reload()  # forget the moved step
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)
         self.reports.append(msg)

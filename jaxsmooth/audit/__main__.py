@@ -1,8 +1,0 @@
-"""`python -m jaxsmooth.audit ...`: the same as `jaxsmooth audit ...`."""
-
-import sys
-
-from jaxsmooth.audit.report import main
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
