@@ -45,22 +45,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxsmooth import data as data_lib
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.data import augment
-from jaxsmooth.nnx import CausalLM, ViT
 from jaxsmooth.train import checkpoint, optim, parallel, runlog, runtime, tblog, watchdog
 from jaxsmooth.train import workdir as wd
 from jaxsmooth.train.checkpoint import Checkpoints, NoUsableCheckpointError
 from jaxsmooth.train.evaluation import BestParams, evaluate, final_evaluation, put, selection_score, setting
 from jaxsmooth.train.runlog import read_metrics  # noqa: F401 - re-exported: train.read_metrics is used widely
+from jaxsmooth.train.settings import check_config
+from jaxsmooth.train.state import build_model, new_state
+from jaxsmooth.train.step import make_eval_step, make_train_step
 
-# Side length of the images of each built-in image dataset (before data.kwargs.pad_to), so a patch size
-# that does not divide the image fails before any data is loaded.
-_IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
 # What a workdir that holds a run but no usable checkpoint needs (NoUsableCheckpointError).
 RESTART_HINT = (
     "To start over from step 0, rerun with --restart (train.train(..., restart=True)): the previous run's "
@@ -82,226 +80,6 @@ class Interrupted(KeyboardInterrupt):
 
 # The workdir holds a run whose model, data or optimiser config differs from the config (a ValueError).
 IncompatibleWorkdirError = wd.IncompatibleWorkdirError
-
-
-# ---------------------------------------------------------------------------------------- config checks
-
-
-def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """Validate everything that can be checked without data; returns the typed model config.
-
-    Raises ValueError naming the field (model fields are checked by ModelConfig / Spectrum).
-    """
-    for section in ("model", "data", "opt", "train"):
-        if section not in config:
-            raise ValueError(f"config has no '{section}' section")
-    d = config.data
-    positive, non_negative = (lambda v: v >= 1, "must be >= 1"), (lambda v: v >= 0, "must be >= 0")
-    rules = {
-        **{f"train.{k}": positive for k in ("steps", "log_every", "stats_every", "eval_every")},
-        "train.checkpoint_every": positive,
-        "train.max_to_keep": positive,
-        "train.seed": non_negative,
-        "train.num_devices": (lambda v: v >= 0, "must be >= 0 (0 = all devices)"),
-        "train.eval_max_batches": (lambda v: v >= 0, "must be >= 0 (0 = the whole test split)"),
-        "data.name": (lambda v: v in data_lib.DATASETS, f"is unknown; choose one of {data_lib.DATASETS}"),
-        "data.batch_size": positive,
-        "data.eval_batch_size": positive,
-        "data.seed": non_negative,
-        "data.train_fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-        # Text needs a context length, images a patch size (the other field may stay None).
-        **({"data.seq_len": positive} if is_text(config) else {"data.patch_size": positive}),
-    }
-    for field, (ok, why) in rules.items():
-        section, name = field.split(".")
-        value = config[section][name]
-        try:
-            good = ok(value) and not isinstance(value, bool)
-        except TypeError:  # e.g. None where a number is needed
-            good = False
-        if not good:
-            raise ValueError(f"{field}={value!r} {why}")
-    _check_protocol(config)
-    watchdog.Watchdog(setting(config, "train.step_timeout_s", watchdog.AUTO))  # validates the field
-    if not is_text(config):
-        size = d.kwargs.get("pad_to") or _IMAGE_SIZE.get(d.name)
-        if size and size % d.patch_size:
-            raise ValueError(
-                f"data.patch_size={d.patch_size} must divide the {size}x{size} images of {d.name}"
-                + (" (after data.kwargs.pad_to)" if d.kwargs.get("pad_to") else "")
-            )
-    optim.make_schedule(config.opt)  # validates opt.*
-    return ModelConfig.from_dict(config.model.to_dict())
-
-
-def _check_protocol(config) -> None:
-    """The evaluation protocol's fields (validation split, selection, extra evaluations)."""
-    for field in ("data.val_size", "train.train_eval_size", "train.test_max_examples"):
-        v = setting(config, field, 0)
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-            raise ValueError(f"{field}={v!r} must be an integer >= 0")
-    select = setting(config, "train.select", "last")
-    if select not in ("last", "best_val"):
-        raise ValueError(f"train.select={select!r}; choose last or best_val")
-    if select == "best_val" and not setting(config, "data.val_size", 0):
-        raise ValueError("train.select=best_val needs a validation split: set data.val_size > 0")
-    on_nonfinite = setting(config, "train.on_nonfinite", "stop")
-    if on_nonfinite not in ("stop", "record"):
-        raise ValueError(f"train.on_nonfinite={on_nonfinite!r}; choose stop or record")
-    if not isinstance(setting(config, "train.profile", False), bool):
-        raise ValueError(f"train.profile={setting(config, 'train.profile', False)!r} must be True or False")
-    aug = augment.Augment.from_config(config)  # raises a ValueError naming a bad field
-    if is_text(config) and aug.images:
-        raise ValueError("data.random_crop_pad / random_flip / mixup_alpha / cutmix_alpha apply to image "
-                         "datasets only; leave them at 0 / False for text")  # fmt: skip
-    corrupt_train = setting(config, "data.corrupt_train", "none")
-    evals = setting(config, "data.eval_corruptions", "")
-    data_lib.parse_corruption(corrupt_train)  # raises a ValueError naming the bad spec
-    data_lib.parse_corruptions(evals)
-    if is_text(config) and (corrupt_train not in (None, "", "none") or evals):
-        raise ValueError("data.corrupt_train / data.eval_corruptions apply to image datasets only")
-
-
-def is_text(config: ml_collections.ConfigDict) -> bool:
-    return config.data.name in ("shakespeare_char", "char_file")
-
-
-@dataclasses.dataclass
-class LoadedRun:
-    """A trained model rebuilt from a run directory (see `load_run`)."""
-
-    config: ml_collections.ConfigDict
-    model_config: ModelConfig
-    dataset: data_lib.Dataset  # the full dataset (test split as trained against; no train_fraction subset)
-    model: nnx.Module
-    step: int
-
-
-def load_run(workdir: str | Path, step: int | None = None) -> LoadedRun:
-    """Rebuild a run's model and restore its parameters (newest step by default).
-
-    Args:
-      workdir: the run directory (relative paths work).
-      step: the checkpoint step (default: the newest).
-    Returns a LoadedRun. The model is built from the config saved inside the checkpoint (DIR/config.json
-    for checkpoints of older versions). Read-only: a corrupt, unverifiable or ill-fitting step raises
-    `checkpoint.CheckpointError` saying which and naming the other steps; a damaged config.json raises
-    `workdir.MetadataError` naming it; nothing is moved. For evaluation, audits and experiments.
-    """
-    workdir = Path(workdir).absolute()
-    cfg_path = workdir / "config.json"
-    if not (workdir / "checkpoints").is_dir() and not cfg_path.is_file():
-        raise FileNotFoundError(
-            f"{workdir} has no checkpoints/ and no config.json: not a jaxsmooth run directory"
-        )
-    step = checkpoint.pick_step(workdir, step)
-    meta, _ = checkpoint.read_meta(workdir / "checkpoints" / str(step))
-    if meta is not None and isinstance(meta.get("config"), dict):
-        raw, source = meta["config"], f"the config saved with step {step}"
-    else:
-        if not cfg_path.is_file():
-            raise FileNotFoundError(
-                f"{workdir} has no config.json, so the model of step {step} cannot be rebuilt"
-            )
-        raw, source = wd.read_json(cfg_path, "restore it from a copy of the run"), str(cfg_path)
-    config = ml_collections.ConfigDict(raw)
-    mcfg = ModelConfig.from_dict(config.model.to_dict())
-    ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
-    abstract = nnx.eval_shape(lambda: build_model(mcfg, ds, config, nnx.Rngs(params=0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    step, pure = checkpoint.restore_params(workdir, nnx.to_pure_dict(params), step, source=source)
-    nnx.replace_by_pure_dict(params, pure)
-    return LoadedRun(config, mcfg, ds, nnx.merge(graphdef, params, rest), step)
-
-
-# ---------------------------------------------------------------------------------------- model / task
-
-
-def build_model(mcfg: ModelConfig, ds: data_lib.Dataset, config, rngs: nnx.Rngs) -> nnx.Module:
-    if ds.kind == "text":
-        return CausalLM(mcfg, ds.vocab_size, config.data.seq_len, rngs=rngs)
-    return ViT(mcfg, ds.num_classes, ds.image_shape, config.data.patch_size, rngs=rngs)
-
-
-def per_example_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """Cross-entropy per example [B] (images: logits [B, C]; text: logits [B, T, V], mean over T); y holds
-    integer labels, or soft targets with the logits' shape (label smoothing, mixup / cutmix)."""
-    if y.shape == logits.shape:
-        ce = optax.softmax_cross_entropy(logits, y)
-    else:
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # [B] or [B, T]
-    return ce if ce.ndim == 1 else jnp.mean(ce, axis=1)
-
-
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
-
-
-def make_train_step(
-    graphdef, tx, schedule, *, dropout: bool, with_stats: bool, spectral: bool,
-    aug: augment.Augment | None = None, num_classes: int = 0,
-):  # fmt: skip
-    """The pure train step (state, x, y) -> (state, metrics); see the module docstring. `aug`: image
-    augmentation / label smoothing (jaxsmooth.data.augment), drawn from the run's key and the step."""
-
-    def train_step(state, x, y):
-        step = state["step"]
-        key = jax.random.fold_in(state["rng"], step) if dropout else None
-        if aug is not None and (aug.images or aug.soft):
-            # A key of its own (the dropout key is unchanged by turning augmentation on).
-            aug_key = jax.random.fold_in(jax.random.fold_in(state["rng"], step), 0x5A17)
-            x, y = augment.apply(aug, aug_key, x, y, num_classes)
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            out = model(x, dropout_key=key, return_stats=with_stats)
-            logits, aux = out if with_stats else (out, None)
-            return jnp.mean(per_example_loss(logits, y)), aux
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
-        # Remember the first bad step (1-based, like the logged steps); a later log or checkpoint stops.
-        bad_step = jnp.where((state["bad_step"] < 0) & ~ok, step + 1, state["bad_step"])
-        metrics = {"loss": loss, "lr": schedule(step), "grad_norm": grad_norm, "bad_step": bad_step}
-        if with_stats:
-            metrics["layers"] = {k: aux[k] for k in runlog.LOGGED_LAYER_STATS}  # [L] each
-            metrics["input"] = {k: aux["input"][k] for k in runlog.LOGGED_LAYER_STATS}  # scalars
-            # Spectra of the parameters this forward pass used (before the update): of H, and of the
-            # effective map the block applies (docs/theory.md), exact where known, else on the host.
-            stack = nnx.merge(graphdef, state["params"]).transformer
-            if spectral:
-                lam_LxD = stack.eigenvalues()  # exact, real
-                metrics["eig_min"], metrics["eig_max"] = jnp.min(lam_LxD, axis=1), jnp.max(lam_LxD, axis=1)
-            else:  # unconstrained H has complex eigenvalues: XLA has no general eig; the host computes them
-                metrics["h_LxDxD"] = stack.effective_h()
-            eff_LxD = stack.exact_effective_eigenvalues()
-            if eff_LxD is not None:
-                metrics["eff"] = runlog.eff_summary(eff_LxD, jnp)
-            else:
-                metrics["m_LxDxD"] = stack.effective_update()
-        new_state = dict(state, params=params, opt_state=opt_state, step=step + 1, bad_step=bad_step)
-        return new_state, metrics
-
-    return train_step
-
-
-def make_eval_step(graphdef):
-    """(params, x, y, n_valid) -> (sum of per-example losses, number correct) over the first n_valid rows."""
-
-    def eval_step(params, x, y, n_valid):
-        logits = nnx.merge(graphdef, params)(x)
-        valid_B = jnp.arange(x.shape[0]) < n_valid
-        loss_sum = jnp.sum(jnp.where(valid_B, per_example_loss(logits, y), 0.0))
-        if logits.ndim == 2:
-            correct = jnp.sum(jnp.where(valid_B, jnp.argmax(logits, axis=-1) == y, False))
-        else:
-            correct = jnp.zeros((), jnp.int32)
-        return loss_sum, correct
-
-    return eval_step
 
 
 # ---------------------------------------------------------------------------------------- workdir
@@ -690,14 +468,7 @@ def _setup(config, mcfg: ModelConfig, workdir: Path, primary: bool):
     schedule = optim.make_schedule(config.opt)
 
     def init():
-        params = nnx.to_pure_dict(nnx.split(make(), nnx.Param, ...)[1])
-        return {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.PRNGKey(t.seed + 1),  # base dropout key (params use t.seed)
-            "bad_step": jnp.full((), -1, jnp.int32),
-        }
+        return new_state(nnx.to_pure_dict(nnx.split(make(), nnx.Param, ...)[1]), tx, seed=t.seed)
 
     # Under jit: no eager per-layer ops, and the state is born on the mesh, placed as the rules say.
     shardings = parallel.state_shardings(mesh, t.get("param_sharding", "replicated"), abs_params,
