@@ -27,9 +27,22 @@ _NEG = -1e30  # additive mask value; finite so fully-masked rows give a uniform 
 def layer_norm(
     x_BxTxD: jnp.ndarray, gain_D: jnp.ndarray, bias_D: jnp.ndarray, *, eps: float, positive: bool = False
 ) -> jnp.ndarray:
-    """LN over features with float32 statistics. positive=True uses softplus(gain) > 0 as the gain. A pre-LN
-    value path that reads this output applies C diag(gain) H, whose signs a negative gain flips and which
-    even positive unequal gains do not keep (docs/theory.md section 2); value_norm="rms" avoids it."""
+    """LN over features with float32 statistics.
+
+    A pre-LN value path that reads this output applies C diag(gain) H, whose signs a negative gain flips
+    and which even positive unequal gains do not keep (docs/theory.md section 2); value_norm="rms" avoids
+    it.
+
+    Args:
+      x_BxTxD: the input, any float dtype.
+      gain_D: the gain (raw parameter; see positive).
+      bias_D: the bias.
+      eps: added to the variance.
+      positive: use softplus(gain) > 0 as the gain (`effective_gain`).
+
+    Returns:
+      (x - mean) / sqrt(var + eps) * gain + bias, [B, T, D] in x's dtype.
+    """
     x32 = x_BxTxD.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -39,20 +52,47 @@ def layer_norm(
 
 
 def rms_normalize(x_BxTxD: jnp.ndarray, *, eps: float) -> jnp.ndarray:
-    """x / rms(x) per token (float32 statistics), with no centring and no parameters: a positive per-token
-    scale, so a value path that reads it applies exactly W_V W_O (docs/theory.md)."""
+    """x / rms(x) per token (float32 statistics), with no centring and no parameters.
+
+    A positive per-token scale, so a value path that reads it applies exactly W_V W_O (docs/theory.md).
+
+    Args:
+      x_BxTxD: the input, any float dtype.
+      eps: added to the mean square.
+
+    Returns:
+      x / sqrt(mean(x^2) + eps) over features, [B, T, D] in x's dtype.
+    """
     x32 = x_BxTxD.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return y.astype(x_BxTxD.dtype)
 
 
 def effective_gain(gain_D: jnp.ndarray, positive: bool) -> jnp.ndarray:
+    """The gain a LayerNorm applies, from its parameter.
+
+    Args:
+      gain_D: the gain parameter.
+      positive: ln_gain="positive": the gain is softplus(gain_D) > 0; else gain_D itself.
+
+    Returns:
+      The gain [D], float32.
+    """
     g = gain_D.astype(jnp.float32)
     return jax.nn.softplus(g) if positive else g
 
 
 def dropout(x: jnp.ndarray, rate: float, key: jax.Array | None) -> jnp.ndarray:
-    """Inverted dropout; the identity when key is None (deterministic) or rate == 0."""
+    """Inverted dropout; the identity when key is None (deterministic) or rate == 0.
+
+    Args:
+      x: any array.
+      rate: probability of dropping an entry.
+      key: PRNG key of the drop pattern (one draw per entry); None: no dropout.
+
+    Returns:
+      x with each entry zeroed with probability rate and the kept ones divided by 1 - rate.
+    """
     if key is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
@@ -94,14 +134,32 @@ def allowed_keys(
 
 
 def padding_mask(mask_BxS: jnp.ndarray) -> jnp.ndarray:
-    """[B, S] key-padding mask (nonzero = real token) -> Flax-style boolean [B, 1, 1, S]."""
+    """[B, S] key-padding mask (nonzero = real token) -> Flax-style boolean [B, 1, 1, S].
+
+    Args:
+      mask_BxS: nonzero for real tokens, 0 for padding.
+
+    Returns:
+      Boolean [B, 1, 1, S] (True = attend), for the `mask` argument of `allowed_keys` and
+      `multihead_attention`.
+    """
     return (jnp.asarray(mask_BxS) != 0)[:, None, None, :]
 
 
 def attention_weights(
     q_BxTxHxK: jnp.ndarray, k_BxSxHxK: jnp.ndarray, allowed_BxHxTxS: jnp.ndarray | None
 ) -> jnp.ndarray:
-    """A = softmax(Q K^T / sqrt(K)) per head, float32 [B, H, T, S]; rows sum to one over allowed keys."""
+    """A = softmax(Q K^T / sqrt(K)) per head, float32 [B, H, T, S]; rows sum to one over allowed keys.
+
+    Args:
+      q_BxTxHxK: queries, token-major.
+      k_BxSxHxK: keys, token-major.
+      allowed_BxHxTxS: boolean mask (`allowed_keys`), None for none. A fully masked row comes out
+        uniform, not NaN (masked logits are a large finite negative number).
+
+    Returns:
+      A, float32 [B, H, T, S].
+    """
     return _attention_weights_bh(
         q_BxTxHxK.transpose(0, 2, 1, 3), k_BxSxHxK.transpose(0, 2, 1, 3), allowed_BxHxTxS
     )
@@ -125,7 +183,16 @@ def attn_scale(
     """AttnScale (Wang et al. 2022): A' = A_DC + (1 + w_h)(A - A_DC), A_DC the uniform attention.
 
     A_DC = 1 1^T / n for unmasked attention; with a causal or padding mask we use the uniform
-    distribution over each query's allowed keys (our generalisation; it keeps A' causal)."""
+    distribution over each query's allowed keys (our generalisation; it keeps A' causal).
+
+    Args:
+      att_BxHxTxS: the attention weights A.
+      w_H: one coefficient w_h per head.
+      allowed_BxHxTxS: the boolean mask A was computed with (`allowed_keys`), None for none.
+
+    Returns:
+      A', float32 [B, H, T, S].
+    """
     if allowed_BxHxTxS is None:
         a_dc = jnp.full_like(att_BxHxTxS, 1.0 / att_BxHxTxS.shape[-1])
     else:
@@ -139,7 +206,17 @@ def feat_scale(
 ) -> jnp.ndarray:
     """FeatScale (Wang et al. 2022): Y' = Y + s_dc * DC[Y] + s_hc * (Y - DC[Y]), per-channel s.
 
-    DC[Y] is the token mean; for causal models the running (prefix) mean, so no token sees the future."""
+    DC[Y] is the token mean; for causal models the running (prefix) mean, so no token sees the future.
+
+    Args:
+      y_BxTxD: the branch output Y.
+      s_dc_D: per-channel scale of the DC part.
+      s_hc_D: per-channel scale of the high-frequency part Y - DC[Y].
+      causal: use the running (prefix) mean as DC[Y].
+
+    Returns:
+      Y', [B, T, D] in y's dtype (computed in float32).
+    """
     y32 = y_BxTxD.astype(jnp.float32)
     if causal:
         count_T = jnp.arange(1, y32.shape[1] + 1, dtype=jnp.float32)
@@ -164,6 +241,17 @@ def project_heads(
     Heads-major so both attention matmuls are plain batched matmuls over (B, H): contracting the
     [B, T, H, K] layout directly made XLA:CPU run them ~5x below its matmul rate. (One fused [D, 3D]
     Q/K/V matmul was tried too: its forward is a little faster, its backward ~2x slower on XLA:CPU.)
+
+    Args:
+      x_BxTxD: the input.
+      w_DxE: the projection.
+      b_E: its bias, or None.
+      num_heads: H; the projection's output width E is split into H heads of width K = E / H.
+      dtype: compute dtype (x, w and b are cast to it).
+      fast_backward: use `dense` (reverse mode only); False: a plain matmul.
+
+    Returns:
+      The projected heads, [B, H, T, K] in `dtype`.
     """
     b, t, _ = x_BxTxD.shape
     matmul = dense if fast_backward else jnp.matmul
@@ -195,6 +283,10 @@ def attend(
         keep / (1 - rate)); no dropout when the key is None or the rate 0.
       broadcast_dropout: one dropout pattern for the whole batch and all heads (Flax's default).
       dtype: compute dtype of A V (default: the values' dtype); logits and softmax are float32.
+
+    Returns:
+      (z_BxTxD, att_BxHxTxS): the heads' outputs concatenated (D = H K), in `dtype`, and the float32
+      attention weights before dropout (after AttnScale).
     """
     b, h, t, _ = q_BxHxTxK.shape
     dtype = dtype or v_BxHxSxK.dtype
@@ -248,6 +340,26 @@ def multihead_attention(
       dtype: compute dtype of the matmuls (default x's); logits and softmax run in float32.
       fast_backward: projections use `dense` (a backward pass laid out for XLA:CPU; reverse mode only);
         False uses plain matmuls, which forward-mode autodiff (jax.jvp, jax.jacfwd) can go through.
+
+    Returns:
+      (y_BxTxD, att_BxHxTxS): the layer's output in `dtype`, and the float32 attention weights before
+      dropout (`attend`).
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsmooth import attention
+      >>> k_x, k_w = jax.random.split(jax.random.key(0))
+      >>> x_BxTxD = jax.random.normal(k_x, (2, 5, 16))
+      >>> w_q, w_k, w_v, w_o = 0.25 * jax.random.normal(k_w, (4, 16, 16))
+      >>> y_BxTxD, att_BxHxTxS = attention.multihead_attention(
+      ...     x_BxTxD, w_q, w_k, w_v, w_o, num_heads=4, causal=True)
+      >>> y_BxTxD.shape, att_BxHxTxS.shape
+      ((2, 5, 16), (2, 4, 5, 5))
+      >>> bool(jnp.allclose(att_BxHxTxS.sum(-1), 1.0))  # each query's weights sum to one
+      True
+      >>> float(att_BxHxTxS[0, 0, 0, 1])  # causal: the first token sees only itself
+      0.0
     """
     inputs_k = x_BxTxD if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
@@ -290,8 +402,18 @@ def mlp(
     dtype: jnp.dtype | None = None,
     fast_backward: bool = True,
 ) -> jnp.ndarray:
-    """The position-wise MLP: GELU (exact, erf) between two dense layers (`fast_backward`: as in
-    `multihead_attention`)."""
+    """The position-wise MLP: GELU (exact, erf) between two dense layers.
+
+    Args:
+      x_BxTxD: the input.
+      w1_DxM, b1_M: the first dense layer.
+      w2_MxD, b2_D: the second dense layer.
+      dtype: compute dtype (default: x's).
+      fast_backward: as in `multihead_attention`.
+
+    Returns:
+      gelu(x W1 + b1) W2 + b2, [B, T, D] in `dtype`.
+    """
     dtype = dtype or x_BxTxD.dtype
     matmul = dense if fast_backward else jnp.matmul
     h_BxTxM = matmul(x_BxTxD.astype(dtype), w1_DxM.astype(dtype)) + b1_M.astype(dtype)[None, None, :]
@@ -309,6 +431,15 @@ def dense(x_NxI: jnp.ndarray, w_IxO: jnp.ndarray) -> jnp.ndarray:
     transposes the narrower of x and g, and W itself for the input gradient, each behind an
     `optimization_barrier` so the simplifier cannot fold the transpose back into the dot: every backward
     matmul is then a plain row-major [N, K] x [K, J] product. On other backends this costs a small copy.
+
+    A `jax.custom_vjp`: reverse mode only (forward-mode autodiff, jax.jvp / jax.jacfwd, raises).
+
+    Args:
+      x_NxI: the input, any number of leading axes ([..., I]).
+      w_IxO: the weight.
+
+    Returns:
+      x @ w, [..., O].
     """
     return x_NxI @ w_IxO
 
@@ -344,6 +475,12 @@ def gelu(x: jnp.ndarray) -> jnp.ndarray:
     into an exp plus a rational approximation, about 3x the cost of its erf polynomial (~4 ms vs ~1.3 ms
     per ViT-Tiny layer, run once forward and once more when the backward recomputes it); the two differ
     by < 1e-6 absolute. The derivative Phi(x) + x phi(x) is written out so it costs one fused pass.
+
+    Args:
+      x: any float array.
+
+    Returns:
+      GELU(x), elementwise.
     """
     return x * (0.5 + 0.5 * jax.lax.erf(x * _INV_SQRT2))
 

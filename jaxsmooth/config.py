@@ -40,37 +40,63 @@ def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
 class Spectrum:
     """The constraint on the eigenvalues of H = W_V W_O, and how they are parameterised (docs/theory.md).
 
-    mode:  "smooth"  eigenvalues in (0, hi]   -> the DC (all-tokens-equal) mode dominates: smoothing.
-           "sharpen" eigenvalues in [lo, 0)   -> the paper's sufficient condition against oversmoothing.
-           "neutral" eigenvalues in [lo, hi]  (both signs, bounded).
-           "free"    eigenvalues unconstrained, H still built as V diag(lambda) V^-1.
-    lo/hi: override the mode's default interval. Open ends (lo for smooth, hi for sharpen) are kept open
-           by `margin` (a fraction of hi - lo), so an eigenvalue never reaches the excluded end point. It
-           is tiny (1e-6) because DeepNorm's init puts eigenvalues at ~beta^2/alpha ~ 1e-3 of the range,
-           and a clipped eigenvalue has no gradient.
-    basis: "orthogonal" V = Q of QR(Theta), V^-1 = V^T, H symmetric (the paper).
-           "general"    V = Q1 diag(s) Q2^T with s in [kappa^-1/2, kappa^1/2], so cond(V) <= max_cond and
-                        V^-1 = Q2 diag(1/s) Q1^T is exact: any diagonalisable H with real eigenvalues whose
-                        eigenvector matrix has condition number <= max_cond.
-    bound: "clip"   lambda = clip(+-psi^2, lo, hi) (the paper; zero gradient when saturated).
-           "smooth" lambda = lo + (hi - lo) sigmoid(psi): differentiable everywhere, same interval.
-
-    init:  "uniform" eigenvalues uniform over the central 90% of the interval (none starts on a clip end).
-           "matched" |lambda| distributed as |Re mu|, mu the unconstrained baseline's eigenvalues at init
-                     (xavier W_V, W_O: |mu| ~ Uniform(0, 1) with a uniform phase; times DeepNorm's beta^2),
-                     with the mode's sign (random signs for neutral / free), clipped into the interval
-                     (`spectral.init`).
-    init_scale: multiplies the initial eigenvalues (before clipping into the interval). The default,
-           "matched" x 0.5, starts a depth-24 smooth stack no more collapsed than the baseline (token cosine
-           after layer 24: 0.96 vs 0.97; "uniform" x 1: 1.00), see docs/design.md.
-    param_scale: "width" every spectral parameter has the entry scale of the baseline matrices it replaces:
-                         theta ~ N(0, 1/D) and lambda = f(sqrt(D) psi), so one Adam step of size lr moves
-                         H at about the baseline's relative rate (measured: experiments/dynamics.py).
-                 "unit"  theta ~ N(0, 1), lambda = f(psi) (the paper authors' parameterisation).
-
     Ranges refer to the effective update of a residual branch. With DeepNorm the skip path is scaled by
     alpha, LN(alpha x + f(x)) = LN(x + f(x)/alpha), so the library composes H with eigenvalues in
     [alpha lo, alpha hi] and H/alpha satisfies the stated range (docs/theory.md, our choice).
+
+    Construction validates every field (a `ValueError` names the bad one) and resolves lo/hi to the
+    mode's interval, so `Spectrum(mode=m).lo` / `.hi` expose the defaults and two specs meaning the same
+    interval compare (and hash) equal.
+
+    Attributes:
+      mode: "smooth"  eigenvalues in (0, hi]   -> the DC (all-tokens-equal) mode dominates: smoothing.
+            "sharpen" eigenvalues in [lo, 0)   -> the paper's sufficient condition against oversmoothing.
+            "neutral" eigenvalues in [lo, hi]  (both signs, bounded).
+            "free"    eigenvalues unconstrained, H still built as V diag(lambda) V^-1.
+      basis: "orthogonal" V = Q of QR(Theta), V^-1 = V^T, H symmetric (the paper).
+             "general"    V = Q1 diag(s) Q2^T with s in [kappa^-1/2, kappa^1/2], so cond(V) <= max_cond and
+                          V^-1 = Q2 diag(1/s) Q1^T is exact: any diagonalisable H with real eigenvalues
+                          whose eigenvector matrix has condition number <= max_cond.
+      bound: "clip"   lambda = clip(+-psi^2, lo, hi) (the paper; zero gradient when saturated).
+             "smooth" lambda = lo + (hi - lo) sigmoid(psi): differentiable everywhere, same interval; not
+                      allowed with mode="free", which has no bounded interval.
+      lo: lower end of the interval; None: the mode's default. The defaults: smooth (0, 1] (our choice;
+        the paper states no bound for "ViT plus"), sharpen [-1, 0) (the paper's sufficient condition
+        against oversmoothing), neutral [-1, 1] (each eigenvalue picks its sign). mode="free" takes
+        None (stored as -inf / inf). Must be finite and < hi; smooth needs lo >= 0.
+      hi: upper end of the interval; None: the mode's default (see lo). sharpen needs hi <= 0.
+      max_cond: kappa, the bound on cond(V) of the "general" basis; a finite number >= 1.
+      margin: keeps the open ends (lo for smooth, hi for sharpen) open, as a fraction of hi - lo, so an
+        eigenvalue never reaches the excluded end point; in [0, 0.5). It is tiny (1e-6) because
+        DeepNorm's init puts eigenvalues at ~beta^2/alpha ~ 1e-3 of the range, and a clipped eigenvalue
+        has no gradient.
+      init: "uniform" eigenvalues uniform over the central 90% of the interval (none starts on a clip end).
+            "matched" |lambda| distributed as |Re mu|, mu the unconstrained baseline's eigenvalues at init
+                      (xavier W_V, W_O: |mu| ~ Uniform(0, 1) with a uniform phase; times DeepNorm's
+                      beta^2), with the mode's sign (random signs for neutral / free), clipped into the
+                      interval (`spectral.init`).
+      init_scale: multiplies the initial eigenvalues (before clipping into the interval); a finite
+        number > 0. The default, "matched" x 0.5, starts a depth-24 smooth stack no more collapsed than
+        the baseline (token cosine after layer 24: 0.96 vs 0.97; "uniform" x 1: 1.00), see
+        docs/design.md.
+      param_scale: "width" every spectral parameter has the entry scale of the baseline matrices it
+                           replaces: theta ~ N(0, 1/D) and lambda = f(sqrt(D) psi), so one Adam step of
+                           size lr moves H at about the baseline's relative rate (measured:
+                           experiments/dynamics.py).
+                   "unit"  theta ~ N(0, 1), lambda = f(psi) (the paper authors' parameterisation).
+
+    Example::
+
+      >>> from jaxsmooth import Spectrum
+      >>> sharpen = Spectrum("sharpen")  # the default interval [-1, 0)
+      >>> sharpen.lo, sharpen.hi
+      (-1.0, 0.0)
+      >>> sharpen.closed_interval()  # the open end 0 pulled in by margin
+      (-1.0, -1e-06)
+      >>> sharpen == Spectrum("sharpen", lo=-1.0)
+      True
+      >>> Spectrum("smooth", hi=0.5, basis="general", max_cond=4.0).closed_interval(alpha=2.0)
+      (1e-06, 1.0)
     """
 
     mode: Literal["smooth", "sharpen", "neutral", "free"] = "sharpen"
@@ -127,7 +153,15 @@ class Spectrum:
             raise ValueError(f"spectrum.margin={self.margin} must be in [0, 0.5)")
 
     def closed_interval(self, alpha: float = 1.0) -> tuple[float, float]:
-        """[a, b] that every composed eigenvalue lies in, open ends pulled in by `margin`, scaled by alpha."""
+        """[a, b] that every composed eigenvalue lies in, open ends pulled in by `margin`, scaled by alpha.
+
+        Args:
+          alpha: DeepNorm's residual scale (1 otherwise): the composed H has eigenvalues in
+            alpha * [lo, hi] (see the class docstring).
+
+        Returns:
+          (a, b); (-inf, inf) for mode="free".
+        """
         if self.mode == "free":
             return (-math.inf, math.inf)
         lo, hi = self.lo, self.hi
@@ -147,6 +181,22 @@ def deepnorm(arch: str, n_layers: int, m_layers: int | None = None):
                           beta_d)) with alpha_e = 0.81 (N^4 M)^(1/16), beta_e = 0.87 (N^4 M)^(-1/16),
                           alpha_d = (3M)^(1/4), beta_d = (12M)^(-1/4).
     We follow the paper where torchscale differs (its encoder beta in encoder-decoder models is 1.15x).
+
+    Args:
+      arch: "encoder" | "decoder" | "encoder_decoder".
+      n_layers: N (encoder) or M (decoder) for the one-stack archs; N, the encoder's layers, for
+        "encoder_decoder". A positive integer.
+      m_layers: M, the decoder's layers; a positive integer for "encoder_decoder", None for the others.
+
+    Returns:
+      (alpha, beta) as floats, or ((alpha_e, beta_e), (alpha_d, beta_d)) for "encoder_decoder".
+
+    Example::
+
+      >>> from jaxsmooth import deepnorm
+      >>> alpha, beta = deepnorm("encoder", 18)  # (2 N)^(1/4), (8 N)^(-1/4)
+      >>> round(alpha, 4), round(beta, 4)
+      (2.4495, 0.2887)
     """
     _check_choice("arch", arch, ARCHS)
     if not (isinstance(n_layers, int) and n_layers >= 1):
@@ -168,7 +218,53 @@ class ModelConfig:
     """Shape and options of a `Transformer` stack (and the ViT / CausalLM built on it).
 
     Hashable, so it is a static argument of jit. Build it from an ml_collections ConfigDict with
-    `ModelConfig.from_dict(cfg.to_dict())`.
+    `ModelConfig.from_dict(cfg.to_dict())`. Construction checks the fields: a bad value raises a
+    `ValueError` naming it (`model.<field>`). The comments on the fields give the reasons behind the
+    defaults.
+
+    Attributes:
+      depth: number of blocks L; a positive integer.
+      d_model: width D; a positive integer.
+      num_heads: heads H; a positive integer with D % H == 0.
+      mlp_ratio: MLP hidden width = mlp_ratio * D; > 0.
+      spectrum: the spectral constraint on H = W_V W_O; None: unconstrained W_V, W_O (the baseline).
+      residual: "pre_ln" | "post_ln" | "deepnorm".
+      deepnorm_arch: "encoder" | "decoder": which DeepNet formula sets alpha, beta (`deepnorm`).
+      ln_gain: "free" | "positive" (gamma = softplus(g) > 0).
+      value_norm: what the attention's value path reads, residual="pre_ln" only: "rms" x / rms(x) (no
+        centring, gain or bias; the branch applies H itself, so the spectral promise holds for any LN
+        parameters and any basis; Q and K still read LN1(x)), or "ln" LN1(x), the standard pre-LN block,
+        whose map is C diag(gain) H (docs/theory.md), where LN gains can flip the eigenvalue signs.
+      remat: "none" | "full" | "nested".
+      remat_group: nested remat: layers per checkpointed group, in [1, depth]; None = round(sqrt(depth)).
+      scan: False runs a Python loop over layers (a test oracle; compile time grows with depth).
+      dropout: rate on attention probabilities and both branch outputs; in [0, 1).
+      drop_path: stochastic depth (Huang et al. 2016, DeiT's recipe): each branch output of layer l is
+        dropped for a whole example with probability drop_path * l / (depth - 1) (timm's linear rule),
+        kept ones / (1 - p); in [0, 1).
+      dtype: compute dtype, "float32" | "bfloat16" | "float16"; params stay float32.
+      qkv_bias: biases on the Q and K projections.
+      vo_bias: biases on the V and O projections, for every variant alike; off by default because a bias
+        adds the same vector to every token, a DC term outside the spectral constraint (docs/design.md).
+      branch_scale: "none" | "attnscale" | "featscale" (the Wang et al. 2022 baselines).
+      ln_eps: the LayerNorm epsilon; > 0.
+      ln_lr: DeepNorm only, how fast the blocks' LayerNorm gains and biases learn: "depth" scales their
+        updates by 1 / (2L) (`ln_lr_scale`), "none" leaves the optimiser's lr unscaled.
+      fast_backward: projections and MLP use `jaxsmooth.attention.dense` (a backward pass laid out for
+        XLA:CPU, reverse mode only); False for forward-mode autodiff (jax.jvp, jax.jacfwd).
+
+    Example::
+
+      >>> from jaxsmooth import ModelConfig, Spectrum
+      >>> cfg = ModelConfig(depth=12, d_model=192, num_heads=3, spectrum=Spectrum("sharpen"))
+      >>> cfg.head_dim, cfg.mlp_dim
+      (64, 768)
+      >>> cfg == ModelConfig.from_dict({"depth": 12, "d_model": 192, "num_heads": 3,
+      ...                               "spectrum": {"mode": "sharpen"}})
+      True
+      >>> alpha, beta = ModelConfig(depth=1000, residual="deepnorm").alpha_beta  # (2L)^(1/4), (8L)^(-1/4)
+      >>> round(alpha, 3), round(beta, 4)
+      (6.687, 0.1057)
     """
 
     depth: int = 6  # number of blocks L
@@ -270,7 +366,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        """From a plain dict (e.g. ConfigDict.to_dict()); `spectrum` may be a dict, or None / {} / "none"."""
+        """From a plain dict (e.g. ConfigDict.to_dict()); `spectrum` may be a dict, or None / {} / "none".
+
+        Args:
+          d: field name -> value. `spectrum` may be a `Spectrum`, a dict of its fields (a missing or
+            "none" mode means no constraint), or None / "" / "none".
+
+        Returns:
+          The validated ModelConfig. Unknown model or spectrum fields raise a ValueError listing the
+          known ones.
+        """
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)

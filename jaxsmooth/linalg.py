@@ -78,7 +78,15 @@ def limit_lapack_threads(n: int = 1) -> bool:
 
     Only OpenBLAS libraries that belong to scipy are capped (numpy's own copy, which user code calls,
     keeps its threads); where scipy shares one BLAS with numpy (e.g. conda) that one is left alone too.
-    Set JAXSMOOTH_LAPACK_THREADS=0 to leave every pool untouched. Returns whether a pool was capped.
+    Set JAXSMOOTH_LAPACK_THREADS=0 to leave every pool untouched. Cached (`functools.cache`): each n caps
+    the pools once per process.
+
+    Args:
+      n: the number of threads to leave each of scipy's OpenBLAS pools.
+
+    Returns:
+      Whether a pool was capped (False when disabled by the variable, when scipy or threadpoolctl is
+      missing, or when scipy has no OpenBLAS of its own).
     """
     if os.environ.get("JAXSMOOTH_LAPACK_THREADS", "1") == "0":
         return False

@@ -135,14 +135,32 @@ def _cosine_from_unit(u_BxTxD: jax.Array, n_B: jax.Array) -> jax.Array:
 
 @jax.jit
 def token_cosine(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
-    """Mean cosine similarity over ordered pairs of distinct real tokens, [B]; O(T D)."""
+    """Mean cosine similarity over ordered pairs of distinct real tokens, [B]; O(T D).
+
+    An all-zero token has cosine 0 with every other token; fewer than two real tokens give 0.
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+
+    Returns:
+      token_cosine [B], in [-1, 1] (1 = all tokens parallel).
+    """
     x_BxTxD, _, n_B, _ = _prepare(x_BxTxD, mask_BxT)
     return _cosine_from_unit(_unit_tokens(x_BxTxD), n_B)
 
 
 @jax.jit
 def token_abs_cosine(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
-    """Mean |cosine| over ordered pairs of distinct real tokens, [B]; O(T^2 D) (needs the Gram)."""
+    """Mean |cosine| over ordered pairs of distinct real tokens, [B]; O(T^2 D) (needs the Gram).
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+
+    Returns:
+      token_abs_cosine [B], in [0, 1].
+    """
     x_BxTxD, _, n_B, _ = _prepare(x_BxTxD, mask_BxT)
     u_BxTxD = _unit_tokens(x_BxTxD)
     gram_BxTxT = jnp.einsum("btd,bsd->bts", u_BxTxD, u_BxTxD)
@@ -169,6 +187,13 @@ def hfc_lfc(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
     """||HC[X]||_F / ||DC[X]||_F with DC[X] = 1 m^T the real-token mean (Wang et al. 2022), [B].
 
     Capped at 1e6 (relative guard) when the token mean is exactly zero; 0 for an all-zero example.
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+
+    Returns:
+      hfc_lfc [B] (0 = all tokens equal, grows when sharpening).
     """
     x_BxTxD, m_BxT, n_B, _ = _prepare(x_BxTxD, mask_BxT)
     return _hfc_lfc_from(*_hc_dc(x_BxTxD, m_BxT, n_B))
@@ -180,6 +205,13 @@ def res_norm(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array
 
     The minimiser is the token mean m, so this is ||HC[X]||_F / ||X||_F. Normalisation (our choice):
     Frobenius norm (Dong et al. use a composite l1/l_inf norm) divided by ||X||_F for scale freedom.
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+
+    Returns:
+      res_norm [B], in [0, 1] (0 = all tokens equal).
     """
     x_BxTxD, m_BxT, n_B, _ = _prepare(x_BxTxD, mask_BxT)
     return jnp.sqrt(_dirichlet_from(*_hc_dc(x_BxTxD, m_BxT, n_B)))
@@ -191,6 +223,13 @@ def dirichlet_energy(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> j
 
     E = [1/(2 n^2) sum_{i,j} ||x_i - x_j||^2] / [(1/n) ||X||_F^2] = sum_i ||x_i - m||^2 / ||X||_F^2,
     computed in O(T D) through the token mean (equals res_norm^2).
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+
+    Returns:
+      dirichlet energy [B], in [0, 1].
     """
     x_BxTxD, m_BxT, n_B, _ = _prepare(x_BxTxD, mask_BxT)
     return _dirichlet_from(*_hc_dc(x_BxTxD, m_BxT, n_B))
@@ -204,7 +243,15 @@ def _svals(x_BxTxD: jax.Array) -> jax.Array:
 def singular_values(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
     """Singular values of each example's real-token matrix, descending, [B, min(T, D)].
 
-    Padding rows are zeroed, which only appends zero singular values.
+    Padding rows are zeroed, which only appends zero singular values. The one metric here that is not
+    scale free: the values are those of the input X.
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+
+    Returns:
+      [B, min(T, D)] singular values, descending.
     """
     x_BxTxD, _, _, scale_B = _prepare(x_BxTxD, mask_BxT)
     return _svals(x_BxTxD) * scale_B[:, None]
@@ -228,14 +275,30 @@ def _effective_rank_from(s_BxK: jax.Array) -> jax.Array:
 
 @jax.jit
 def sv_ratio(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
-    """sigma_2 / sigma_1 per example, [B] (0 for rank <= 1 and when min(T, D) < 2)."""
+    """sigma_2 / sigma_1 per example, [B] (0 for rank <= 1 and when min(T, D) < 2).
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+
+    Returns:
+      sv_ratio [B], in [0, 1] (0 = rank one).
+    """
     x_BxTxD, _, _, _ = _prepare(x_BxTxD, mask_BxT)
     return _sv_ratio_from(_svals(x_BxTxD))
 
 
 @jax.jit
 def effective_rank(x_BxTxD: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
-    """Roy & Vetterli (2007) effective rank exp(H(sigma / sum sigma)), [B]; 0 for a zero example."""
+    """Roy & Vetterli (2007) effective rank exp(H(sigma / sum sigma)), [B]; 0 for a zero example.
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+
+    Returns:
+      effective_rank [B], in [0, min(T, D)] (1 for a rank-one example).
+    """
     x_BxTxD, _, _, _ = _prepare(x_BxTxD, mask_BxT)
     return _effective_rank_from(_svals(x_BxTxD))
 
@@ -249,7 +312,28 @@ def layer_stats(
     Returns the keys ``LAYER_STAT_KEYS`` (all O(T D)), plus ``sv_ratio`` and ``effective_rank`` when
     ``full`` (one SVD per example), i.e. ``FULL_LAYER_STAT_KEYS``. Shared pieces (unit tokens,
     HC/DC norms) are computed once, so this is cheap enough to run inside a model's layer scan.
-    ``full`` is a Python bool (static under jit).
+
+    Args:
+      x_BxTxD: B examples of T tokens with D features, any float dtype (computed in at least float32).
+      mask_BxT: nonzero = real token, 0 = padding (excluded); None: every token is real.
+      full: also compute ``sv_ratio`` and ``effective_rank`` (one SVD per example). A Python bool
+        (static under jit).
+
+    Returns:
+      Dict from each key of ``LAYER_STAT_KEYS`` (``FULL_LAYER_STAT_KEYS`` with ``full``) to the metric's
+      mean over the batch, a scalar.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsmooth import metrics
+      >>> x_BxTxD = jax.random.normal(jax.random.key(0), (2, 8, 16))
+      >>> stats = metrics.layer_stats(x_BxTxD, full=True)
+      >>> sorted(stats) == sorted(metrics.FULL_LAYER_STAT_KEYS)
+      True
+      >>> same_BxTxD = jnp.ones((2, 8, 16))  # every token equal: fully smoothed
+      >>> {k: round(float(v), 4) for k, v in metrics.layer_stats(same_BxTxD).items()}
+      {'dirichlet': 0.0, 'hfc_lfc': 0.0, 'res_norm': 0.0, 'token_cosine': 1.0}
     """
     x_BxTxD, m_BxT, n_B, _ = _prepare(x_BxTxD, mask_BxT)
     hc2_B, dc2_B = _hc_dc(x_BxTxD, m_BxT, n_B)

@@ -50,7 +50,17 @@ def _qr_positive(theta_DxD: jnp.ndarray):
 
 @jax.custom_jvp
 def orthogonal(theta_DxD: jnp.ndarray) -> jnp.ndarray:
-    """Q factor of QR(theta) with positive diag(R): an orthogonal matrix for ANY finite theta."""
+    """Q factor of QR(theta) with positive diag(R): an orthogonal matrix for ANY finite theta.
+
+    Its derivative is a custom JVP that stays finite at (near-)rank-deficient theta (module docstring).
+
+    Args:
+      theta_DxD: any finite [D, D] matrix; it is divided by its largest |entry| first (QR is
+        scale-invariant), and an all-zero (or subnormal) theta gives Q = I.
+
+    Returns:
+      Q_DxD, orthogonal.
+    """
     return _qr_positive(theta_DxD)[0]
 
 
@@ -69,7 +79,15 @@ def _orthogonal_jvp(primals, tangents):
 
 
 def psi_unit(spectrum: Spectrum, d: int) -> float:
-    """c in lambda = f(c psi): sqrt(D) for param_scale="width", 1 for "unit"."""
+    """c in lambda = f(c psi): sqrt(D) for param_scale="width", 1 for "unit".
+
+    Args:
+      spectrum: the constraint; only its param_scale is read.
+      d: width D.
+
+    Returns:
+      c, a Python float.
+    """
     return math.sqrt(d) if spectrum.param_scale == "width" else 1.0
 
 
@@ -115,7 +133,17 @@ def eigenvalues(psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> j
 
 
 def eigenvalues_inverse(lam_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> jnp.ndarray:
-    """A psi_D with eigenvalues(psi) == lam_D (after clipping lam_D into the allowed interval)."""
+    """A psi_D with eigenvalues(psi) == lam_D (after clipping lam_D into the allowed interval).
+
+    Args:
+      lam_D: target eigenvalues [D].
+      spectrum: the constraint.
+      alpha: DeepNorm's residual scale; the interval is alpha * [lo, hi].
+
+    Returns:
+      psi_D, float32. For bound="smooth" the sigmoid value it inverts is clipped to [1e-6, 1 - 1e-6],
+      so targets at the interval's ends are only approached.
+    """
     lam = jnp.asarray(lam_D, jnp.float32)
     unit = psi_unit(spectrum, lam.shape[-1])
     signed_sqrt = lambda x: jnp.sign(x) * jnp.sqrt(jnp.abs(x))
@@ -133,7 +161,18 @@ def eigenvalues_inverse(lam_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1
 
 
 def basis(theta: Theta, spectrum: Spectrum) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(V, V^-1), both [D, D] float32, for either basis; V^-1 is formed from orthogonal factors only."""
+    """(V, V^-1), both [D, D] float32, for either basis; V^-1 is formed from orthogonal factors only.
+
+    Args:
+      theta: the eigenvector parameters: a [D, D] array for basis="orthogonal", a dict with keys "u",
+        "w" ([D, D]) and "s" ([D]) for basis="general" (module docstring); the wrong kind raises a
+        ValueError.
+      spectrum: the constraint; its basis and max_cond are read.
+
+    Returns:
+      (V, V^-1): V = Q(theta), V^-1 = V^T (orthogonal); V = Q(u) diag(sigma) Q(w)^T and V^-1 =
+      Q(w) diag(1/sigma) Q(u)^T with cond(V) <= max_cond (general).
+    """
     if spectrum.basis == "orthogonal":
         if isinstance(theta, dict):
             raise ValueError("basis='orthogonal' takes theta as one [D, D] array, got a dict")
@@ -153,7 +192,21 @@ def basis(theta: Theta, spectrum: Spectrum) -> tuple[jnp.ndarray, jnp.ndarray]:
 def value_projection(
     theta: Theta, psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(w_v_DxD, w_o_DxD) with w_v @ w_o = H = V diag(lambda) V^-1 and eig(H) = lambda (float32)."""
+    """(w_v_DxD, w_o_DxD) with w_v @ w_o = H = V diag(lambda) V^-1 and eig(H) = lambda (float32).
+
+    W_V := V diag(lambda) and W_O := V^-1, so for multi-head attention head h uses columns h*K:(h+1)*K of
+    W_V and the same rows of W_O, and the per-head maps sum to H.
+
+    Args:
+      theta: the eigenvector parameters (`basis`).
+      psi_D: the eigenvalue parameters [D] (`eigenvalues`).
+      spectrum: the constraint.
+      alpha: DeepNorm's residual scale; the eigenvalues lie in `spectrum.closed_interval(alpha)`.
+
+    Returns:
+      (w_v_DxD, w_o_DxD), float32. A basis that is not square or does not match psi's width raises a
+      ValueError.
+    """
     v, v_inv = basis(theta, spectrum)
     lam_D = eigenvalues(psi_D, spectrum, alpha)
     _check_width(v, lam_D)
@@ -161,7 +214,31 @@ def value_projection(
 
 
 def compose(theta: Theta, psi_D: jnp.ndarray, spectrum: Spectrum, alpha: float = 1.0) -> jnp.ndarray:
-    """H_DxD = W_V W_O."""
+    """H_DxD = W_V W_O = V diag(lambda) V^-1, the map the attention branch applies (float32).
+
+    Args:
+      theta: the eigenvector parameters (`basis`): a [D, D] array for basis="orthogonal", a dict
+        {"u", "w", "s"} for basis="general".
+      psi_D: the eigenvalue parameters [D] (`eigenvalues`).
+      spectrum: the constraint.
+      alpha: DeepNorm's residual scale; the eigenvalues lie in `spectrum.closed_interval(alpha)`.
+
+    Returns:
+      H_DxD, float32, with eigenvalues `eigenvalues(psi_D, spectrum, alpha)`.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsmooth import Spectrum, spectral
+      >>> sharpen = Spectrum("sharpen")  # eigenvalues in [-1, 0)
+      >>> theta, psi_D = spectral.init(jax.random.key(0), 8, sharpen)
+      >>> h_DxD = spectral.compose(theta, psi_D, sharpen)
+      >>> h_DxD.shape, h_DxD.dtype
+      ((8, 8), dtype('float32'))
+      >>> lam_D = jnp.linalg.eigvalsh(h_DxD)  # orthogonal basis: H is symmetric
+      >>> bool(jnp.all((lam_D >= -1) & (lam_D < 0)))
+      True
+    """
     w_v, w_o = value_projection(theta, psi_D, spectrum, alpha)
     return w_v @ w_o
 

@@ -78,14 +78,22 @@ def _as_matrix(x: Any, name: str, square: bool = False) -> np.ndarray:
 class UpdateSpectrum:
     """All n*d eigenvalues mu_k = 1 + lambda^A lambda^H of X -> X + A X H, sorted by |mu| descending.
 
-    Per pair k (length P = n*d arrays): ``mu``, ``lam_a`` = lambda^A_{idx_a[k]}, ``lam_h`` =
-    lambda^H_{idx_h[k]}; eigen-matrix E_k = v_{idx_a[k]} u_{idx_h[k]}^T (complex n x d). Ties in
-    |mu| are ordered by real part, then imaginary part, descending.
+    Built by `update_spectrum`. Per pair k (length P = n*d arrays) the eigen-matrix is
+    E_k = v_{idx_a[k]} u_{idx_h[k]}^T (complex n x d). Ties in |mu| are ordered by real part, then
+    imaginary part, descending.
 
-    Factor data: ``eigvals_a`` [n], ``eigvecs_a`` [n, n] (unit columns v_j, A v_j = lambda v_j),
-    ``duals_a`` [n, n] (columns w_j, W^T V = I); ``eigvals_h`` [d], ``left_eigvecs_h`` [d, d] (unit
-    columns u_i, u_i^T H = lambda u_i^T), ``right_eigvecs_h`` [d, d] (columns r_i, H r_i = lambda r_i,
-    U^T R = I).
+    Attributes:
+      mu: [P] complex, mu_k = 1 + lam_a[k] lam_h[k].
+      lam_a: [P], lambda^A_{idx_a[k]}.
+      lam_h: [P], lambda^H_{idx_h[k]}.
+      idx_a: [P] int, the A-eigenpair of pair k.
+      idx_h: [P] int, the H-eigenpair of pair k.
+      eigvals_a: [n] eigenvalues of A.
+      eigvecs_a: [n, n], unit columns v_j, A v_j = lambda v_j.
+      eigvals_h: [d] eigenvalues of H.
+      left_eigvecs_h: [d, d], unit columns u_i, u_i^T H = lambda u_i^T.
+      duals_a: [n, n], columns w_j, W^T V = I (computed on first use).
+      right_eigvecs_h: [d, d], columns r_i, H r_i = lambda r_i, U^T R = I (computed on first use).
     """
 
     mu: np.ndarray
@@ -110,11 +118,25 @@ class UpdateSpectrum:
         return np.linalg.pinv(self.left_eigvecs_h).T
 
     def eigen_matrix(self, k: int) -> np.ndarray:
-        """E_k = v_{idx_a[k]} u_{idx_h[k]}^T, with T(E_k) = mu_k E_k (complex n x d)."""
+        """E_k = v_{idx_a[k]} u_{idx_h[k]}^T, with T(E_k) = mu_k E_k (complex n x d).
+
+        Args:
+          k: index of the pair (into ``mu``).
+
+        Returns:
+          E_k, complex [n, d].
+        """
         return np.outer(self.eigvecs_a[:, self.idx_a[k]], self.left_eigvecs_h[:, self.idx_h[k]])
 
     def coefficients(self, x0_NxD: Any) -> np.ndarray:
-        """c_k = w_{idx_a[k]}^T X_0 r_{idx_h[k]}, so X_0 = sum_k c_k E_k (diagonalisable A, H)."""
+        """c_k = w_{idx_a[k]}^T X_0 r_{idx_h[k]}, so X_0 = sum_k c_k E_k (diagonalisable A, H).
+
+        Args:
+          x0_NxD: the input X_0 [n, d].
+
+        Returns:
+          c_P, complex, in the order of ``mu``.
+        """
         x0 = _as_matrix(x0_NxD, "x0")
         c_NxD = self.duals_a.T @ x0 @ self.right_eigvecs_h
         return c_NxD[self.idx_a, self.idx_h]
@@ -125,6 +147,14 @@ class UpdateSpectrum:
         With all pairs (default) this is the exact closed form of L layers, up to the positive factor
         |mu_max|^L (divided out so large L neither overflows nor underflows). ``pairs`` should be
         closed under conjugation (the dominant set is) for the real part to be the exact result.
+
+        Args:
+          x0_NxD: the input X_0 [n, d].
+          n_layers: L.
+          pairs: indices into ``mu`` of the pairs to keep; None: all.
+
+        Returns:
+          The real [n, d] matrix above.
         """
         c_P = self.coefficients(x0_NxD)
         sel = np.arange(self.mu.size) if pairs is None else np.asarray(pairs, dtype=int)
@@ -136,7 +166,15 @@ class UpdateSpectrum:
 
 
 def update_spectrum(a_NxN: Any, h_DxD: Any) -> UpdateSpectrum:
-    """Eigen-pairs of X -> X + A X H: mu_ij = 1 + lambda^A_j lambda^H_i, eigen-matrix v_j u_i^T."""
+    """Eigen-pairs of X -> X + A X H: mu_ij = 1 + lambda^A_j lambda^H_i, eigen-matrix v_j u_i^T.
+
+    Args:
+      a_NxN: the attention matrix A (jax or numpy; computed in float64).
+      h_DxD: H = W_V W_O.
+
+    Returns:
+      UpdateSpectrum, the pairs sorted by |mu| descending.
+    """
     a = _as_matrix(a_NxN, "A", square=True)
     h = _as_matrix(h_DxD, "H", square=True)
     lam_a, v = np.linalg.eig(a)
@@ -167,13 +205,23 @@ def update_spectrum(a_NxN: Any, h_DxD: Any) -> UpdateSpectrum:
 class Prediction:
     """What many layers of X -> X + A X H do to a generic X_0 (see the module docstring).
 
-    ``regime``: one of ``REGIMES``. ``dominant``: indices into ``spectrum`` of the dominant pairs (all
-    pairs with |mu| within relative tol of the max), with their ``dominant_mu``,
-    ``dominant_lambda_a``, ``dominant_lambda_h`` (complex arrays, one entry per pair). ``mu_max`` =
-    |mu_1|; ``rate`` = |mu_2| / |mu_1|, the next distinct modulus over the dominant one (0 if every
-    pair is dominant): the relative sub-dominant part shrinks by this factor per layer. ``rank_a`` /
-    ``rank_h``: dimensions of the token / feature spans of the dominant modes (the limit has rank <=
-    min of the two). ``dc_dominant``: the dominant token span is span{1}.
+    Built by `predict`.
+
+    Attributes:
+      regime: one of ``REGIMES``.
+      rate: |mu_2| / |mu_1|, the next distinct modulus over the dominant one (0 if every pair is
+        dominant): the relative sub-dominant part shrinks by this factor per layer.
+      mu_max: |mu_1|.
+      dominant: indices into ``spectrum`` of the dominant pairs (all pairs with |mu| within relative tol
+        of the max).
+      dominant_mu: their mu (complex, one entry per dominant pair).
+      dominant_lambda_a: their lambda^A (complex).
+      dominant_lambda_h: their lambda^H (complex).
+      rank_a: dimension of the token span of the dominant modes.
+      rank_h: dimension of the feature span of the dominant modes (the limit has rank <= min(rank_a,
+        rank_h)).
+      dc_dominant: the dominant token span is span{1}.
+      spectrum: the `UpdateSpectrum` the prediction was read from.
     """
 
     regime: str
@@ -189,7 +237,15 @@ class Prediction:
     spectrum: UpdateSpectrum
 
     def dominant_part(self, x0_NxD: Any, n_layers: int) -> np.ndarray:
-        """P_L = Re sum_{k dominant} c_k (mu_k / |mu_1|)^L E_k, the predicted T^L(X_0) / |mu_1|^L."""
+        """P_L = Re sum_{k dominant} c_k (mu_k / |mu_1|)^L E_k, the predicted T^L(X_0) / |mu_1|^L.
+
+        Args:
+          x0_NxD: the input X_0 [n, d].
+          n_layers: L.
+
+        Returns:
+          P_L, real [n, d].
+        """
         return self.spectrum.evolve(x0_NxD, n_layers, self.dominant)
 
 
@@ -199,7 +255,25 @@ def _span_dim(vecs_NxK: np.ndarray, rtol: float) -> int:
 
 
 def predict(a_NxN: Any, h_DxD: Any, tol: float = 1e-6) -> Prediction:
-    """Classify the long-depth behaviour of X -> X + A X H (regime definitions: module docstring)."""
+    """Classify the long-depth behaviour of X -> X + A X H (regime definitions: module docstring).
+
+    Args:
+      a_NxN: the attention matrix A (row-stochastic for a softmax).
+      h_DxD: H = W_V W_O (or an `effective_update` matrix).
+      tol: relative tolerance for ties in |mu|; subspace dimensions and the "v parallel to 1" test use
+        sqrt(tol).
+
+    Returns:
+      Prediction.
+
+    Example::
+
+      >>> import numpy as np
+      >>> from jaxsmooth import theory
+      >>> a_NxN = np.full((4, 4), 0.25)  # uniform attention: only the DC token mode survives
+      >>> theory.predict(a_NxN, 0.5 * np.eye(3)).regime
+      'input_convergence'
+    """
     spec = update_spectrum(a_NxN, h_DxD)
     mod = np.abs(spec.mu)
     m = float(mod[0])
@@ -324,6 +398,14 @@ def effective_eigenvalues(m_DxD: Any, residual: str = "pre_ln", *, value_norm: s
     For pre_ln with value_norm="ln" the structural zero of the centring (see `effective_update`) is left
     out: the result is the spectrum of the compression B^T M B onto the features orthogonal to 1 (D - 1
     values). Otherwise all D eigenvalues of M. Complex, float64.
+
+    Args:
+      m_DxD: the `effective_update` matrix M.
+      residual: "pre_ln" | "post_ln" | "deepnorm", as given to `effective_update`.
+      value_norm: "ln" | "rms", as given to `effective_update`.
+
+    Returns:
+      The eigenvalues, complex128, sorted by real part (then imaginary part), ascending.
     """
     m = _as_matrix(m_DxD, "M", square=True)
     if residual == "pre_ln" and value_norm == "ln":
@@ -340,10 +422,12 @@ def effective_eigenvalues(m_DxD: Any, residual: str = "pre_ln", *, value_norm: s
 class DCCompetition:
     """DC versus non-DC token modes of a linearised block (see `post_ln_smoothing`).
 
-    ``dc_radius``: the largest |mu| over the DC token mode(s) (A-eigenvector parallel to 1);
-    ``non_dc_radius``: the largest |mu| over the other token modes; ``hc_dc_rate`` = non_dc_radius /
-    dc_radius (< 1: the high-frequency part shrinks relative to the DC part per layer, i.e. smoothing);
-    ``dc_dominant`` = hc_dc_rate < 1.
+    Attributes:
+      dc_radius: the largest |mu| over the DC token mode(s) (A-eigenvector parallel to 1).
+      non_dc_radius: the largest |mu| over the other token modes.
+      hc_dc_rate: non_dc_radius / dc_radius (< 1: the high-frequency part shrinks relative to the DC
+        part per layer, i.e. smoothing).
+      dc_dominant: hc_dc_rate < 1.
     """
 
     dc_radius: float
@@ -401,7 +485,17 @@ def post_ln_smoothing(
 @dataclasses.dataclass(frozen=True)
 class Simulation:
     """Per-layer metrics of a simulated stack, each [n_layers + 1] (index 0 = the input X_0), or
-    [n_layers + 1, *batch] for a batch of stacks (`simulate_block`); x_final is [*batch, n, d]."""
+    [n_layers + 1, *batch] for a batch of stacks (`simulate_block`); x_final is [*batch, n, d].
+
+    The metrics have the definitions of `jaxsmooth.metrics` (float64, no padding).
+
+    Attributes:
+      token_cosine: mean pairwise cosine of distinct tokens.
+      abs_cosine: mean pairwise |cosine| of distinct tokens.
+      hfc_lfc: ||HC[X]||_F / ||DC[X]||_F.
+      sv_ratio: sigma_2 / sigma_1.
+      x_final: the last layer's X.
+    """
 
     token_cosine: np.ndarray
     abs_cosine: np.ndarray
@@ -449,6 +543,17 @@ def simulate(x0_NxD: Any, a_NxN: Any, h_DxD: Any, n_layers: int, layernorm: bool
     Without LayerNorm each step is divided by its Frobenius norm: all reported metrics are scale
     free, and this keeps |mu|^L from overflowing or underflowing. With ``layernorm=True`` the step is
     X <- LN(X + A X H) with a parameter-free LayerNorm over features (which already fixes the scale).
+
+    Args:
+      x0_NxD: the input X_0 (tokens are rows).
+      a_NxN: the attention matrix A.
+      h_DxD: H = W_V W_O.
+      n_layers: number of layers.
+      layernorm: X <- LN(X + A X H) instead of the Frobenius-normalised step.
+
+    Returns:
+      Simulation with the metrics of X_0 .. X_{n_layers} ([n_layers + 1]) and the final X (normalised
+      as above).
     """
     x = _as_matrix(x0_NxD, "x0")
     a = _as_matrix(a_NxN, "A", square=True)
