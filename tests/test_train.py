@@ -24,7 +24,7 @@ from conftest import XLA_CACHE_ENV
 from jaxsmooth import configs, train
 from jaxsmooth import data as data_lib
 from jaxsmooth.tools import cli
-from jaxsmooth.train import runtime
+from jaxsmooth.train import runtime, settings, trainer
 from jaxsmooth.train import workdir as wd
 from jaxsmooth.train.checkpoint import CHECKSUM_FILE, META_ITEM, CheckpointError, Checkpoints, verify
 
@@ -88,8 +88,8 @@ def test_reference_run_outputs(reference):
 
 def test_one_step_and_checkpoint_round_trip(tmp_path):
     config = tiny()
-    run, state = train._setup(config, train.check_config(config), tmp_path, True)
-    x, y = train.put(run, *run.batcher.batch(0))
+    run, state = trainer.setup(settings.resolve(config), tmp_path)
+    x, y = run.put(*run.batcher.batch(0))
     state, metrics = run.steps[False](state, x, y)
     assert int(state["step"]) == 1 and np.isfinite(float(metrics["loss"]))
     ckpt = Checkpoints(tmp_path, 3)

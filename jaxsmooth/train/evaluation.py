@@ -2,7 +2,8 @@
 selection kept in the workdir, and the final evaluation the summary reports (test once, clean and
 corrupted, on the selected parameters; validation and training splits; per-layer profiles; LN-gain signs).
 
-`run` is the trainer's `_Run` (config, dataset, batcher, mesh, graphdef, compiled eval step, init_fn).
+`run` is the trainer's `jaxsmooth.train.context.RunContext` (typed settings, dataset, batcher, mesh,
+graphdef, the compiled eval step, init_fn).
 """
 
 from __future__ import annotations
@@ -19,25 +20,12 @@ import numpy as np
 from flax import nnx
 
 from jaxsmooth import data as data_lib
-from jaxsmooth.train import parallel
 from jaxsmooth.train import workdir as wd
-
-
-def setting(config, dotted: str, default: Any) -> Any:
-    """A config field, or `default` for configs written before the field existed."""
-    section, name = dotted.split(".")
-    return config[section].get(name, default)
-
-
-def put(run, *arrays: np.ndarray):
-    """This process's rows of global [B, ...] arrays -> global arrays sharded over the mesh."""
-    b = arrays[0].shape[0]
-    rows = parallel.local_rows(run.mesh, b)
-    return parallel.put_batch(run.mesh, b, *(a[rows] for a in arrays))
+from jaxsmooth.train.context import RunContext
 
 
 def evaluate(
-    run,
+    run: RunContext,
     params,
     max_batches: int = 0,
     *,
@@ -48,12 +36,12 @@ def evaluate(
     """A split's loss (and accuracy for images, bits per character for text), keys prefixed by the split
     ("test_loss", "val_accuracy", ...). ds: another dataset to take the split from (a corrupted test set)."""
     loss_sum, correct, n = 0.0, 0, 0
-    batch_size, seq_len = run.config.data.eval_batch_size, run.batcher.seq_len
+    batch_size, seq_len = run.settings.data.eval_batch_size, run.batcher.seq_len
     batches = data_lib.eval_batches(ds or run.ds, batch_size, seq_len, split=split, max_examples=max_examples)
     for i, (x, y, n_valid) in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        ls, c = run.eval_step(params, *put(run, x, y), jnp.int32(n_valid))
+        ls, c = run.eval_step(params, *run.put(x, y), jnp.int32(n_valid))
         loss_sum, correct, n = loss_sum + float(ls), correct + int(c), n + n_valid
     out = {f"{split}_loss": loss_sum / n, f"{split}_examples": n}
     if run.ds.kind == "text":
@@ -106,10 +94,10 @@ class BestParams:
         return jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a) for a in leaves])
 
 
-def final_evaluation(run, state, best: BestParams) -> dict:
+def final_evaluation(run: RunContext, state, best: BestParams) -> dict:
     """What the summary reports once training is done: the test split (clean and corrupted) on the
     selected parameters, the validation and training splits, per-layer profiles and LN-gain signs."""
-    cfg, params = run.config, state["params"]
+    t, params = run.settings.train, state["params"]
     out: dict[str, Any] = {"select": "last", "best_step": None}
     if run.ds.x_val is not None:
         out.update(evaluate(run, params, split="val"))
@@ -117,18 +105,18 @@ def final_evaluation(run, state, best: BestParams) -> dict:
         params = best.load(params)
         out.update({"select": "best_val", "best_step": best.step})
         out.update(evaluate(run, params, split="val"))  # of the selected parameters
-    max_test = setting(cfg, "train.test_max_examples", 0)
+    max_test = t.test_max_examples
     out.update(evaluate(run, params, split="test", max_examples=max_test))
     corrupted = {}
-    for name, severity in data_lib.parse_corruptions(setting(cfg, "data.eval_corruptions", "")):
+    for name, severity in data_lib.parse_corruptions(run.settings.data.eval_corruptions):
         ds_c = data_lib.corrupted_test(run.ds, name, severity, max_test)
         corrupted[f"{name}:{severity}"] = evaluate(run, params, split="test", ds=ds_c)["test_accuracy"]
     if corrupted:
         out["test_corrupted"] = corrupted
-    n_train = setting(cfg, "train.train_eval_size", 0)
+    n_train = t.train_eval_size
     if n_train:
         out.update(evaluate(run, params, split="train", max_examples=n_train))
-    if setting(cfg, "train.profile", False):
+    if t.profile:
         out["profile_init"] = profile(run, run.init_fn()["params"])
         out["profile_final"] = profile(run, params)
     model = nnx.merge(run.graphdef, params)
@@ -137,12 +125,14 @@ def final_evaluation(run, state, best: BestParams) -> dict:
     return out
 
 
-def profile(run, params) -> dict:
+def profile(run: RunContext, params) -> dict:
     """Per-layer smoothing of held-out data in evaluation mode: every `metrics.FULL_LAYER_STAT_KEYS`
     statistic ([L + 1], the stack's input first) on one batch of the validation split (else the test
     split)."""
-    x, _, n = next(data_lib.eval_batches(run.ds, run.config.data.eval_batch_size, seq_len=run.batcher.seq_len,
-                                         split=run.eval_split))  # fmt: skip
+    batches = data_lib.eval_batches(
+        run.ds, run.settings.data.eval_batch_size, seq_len=run.batcher.seq_len, split=run.eval_split
+    )
+    x, _, n = next(batches)
     stats = _profile_fn(run.graphdef)(params, jnp.asarray(x[:n]))
     return {
         k: [float(v_in), *np.asarray(v_L, np.float64).round(6).tolist()] for k, (v_in, v_L) in stats.items()

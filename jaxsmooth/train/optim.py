@@ -34,7 +34,7 @@ Params here are the pure-dict form (`nnx.to_pure_dict`) of `nnx.split(model, nnx
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -52,21 +52,21 @@ NO_DECAY_TYPES = (LNGain, BranchScale)
 STACK_AXIS = "layers"
 
 
-def make_schedule(opt: Mapping[str, Any]) -> Callable[[jnp.ndarray], jnp.ndarray]:
+def make_schedule(opt: Any) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """Learning rate as a function of the optimiser step: linear warmup from 0, then the decay.
 
     opt.schedule: "cosine" (to end_lr_fraction * lr at decay_steps), "linear" (same end point),
     "constant" (lr after warmup). decay_steps counts from step 0, warmup included (optax convention).
     """
     _check_opt(opt)
-    lr, warmup, total = float(opt["lr"]), int(opt["warmup_steps"]), int(opt["decay_steps"])
-    end = lr * float(opt["end_lr_fraction"])
-    if opt["schedule"] == "cosine":
+    lr, warmup, total = float(opt.lr), int(opt.warmup_steps), int(opt.decay_steps)
+    end = lr * float(opt.end_lr_fraction)
+    if opt.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), end_value=end)
     warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
     rest = (
         optax.linear_schedule(lr, end, max(total - warmup, 1))
-        if opt["schedule"] == "linear"
+        if opt.schedule == "linear"
         else optax.constant_schedule(lr)
     )
     return optax.join_schedules([warm, rest], [warmup])
@@ -93,7 +93,7 @@ def weight_decay_mask(params: nnx.State) -> dict:
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
-def make_optimizer(opt: Mapping[str, Any], params: nnx.State) -> optax.GradientTransformation:
+def make_optimizer(opt: Any, params: nnx.State) -> optax.GradientTransformation:
     """chain(clip_by_global_norm, adamw(schedule, mask=weight_decay_mask(params))) from config.opt.
 
     `params` (the typed nnx.State of the model's nnx.Param variables) only decides the mask; the returned
@@ -101,13 +101,13 @@ def make_optimizer(opt: Mapping[str, Any], params: nnx.State) -> optax.GradientT
     """
     _check_opt(opt)
     stages = [
-        optax.clip_by_global_norm(float(opt["clip_norm"])),
+        optax.clip_by_global_norm(float(opt.clip_norm)),
         optax.adamw(
             make_schedule(opt),
-            b1=float(opt["b1"]),
-            b2=float(opt["b2"]),
-            eps=float(opt["eps"]),
-            weight_decay=float(opt["weight_decay"]),
+            b1=float(opt.b1),
+            b2=float(opt.b2),
+            eps=float(opt.eps),
+            weight_decay=float(opt.weight_decay),
             mask=weight_decay_mask(params),
         ),
     ]
@@ -134,23 +134,23 @@ def scale_by_tree(factors) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _check_opt(opt: Mapping[str, Any]) -> None:
+def _check_opt(opt: Any) -> None:
     """Fail with the field name on values that would train silently wrong."""
-    if opt["schedule"] not in SCHEDULES:
+    if opt.schedule not in SCHEDULES:
         raise ValueError(
-            f"opt.schedule={opt['schedule']!r} is not allowed; choose one of {', '.join(SCHEDULES)}"
+            f"opt.schedule={opt.schedule!r} is not allowed; choose one of {', '.join(SCHEDULES)}"
         )
     checks = [
-        ("lr", opt["lr"] > 0, "must be > 0"),
-        ("warmup_steps", opt["warmup_steps"] >= 0, "must be >= 0"),
-        ("decay_steps", opt["decay_steps"] >= 1, "must be >= 1"),
-        ("end_lr_fraction", 0 <= opt["end_lr_fraction"] <= 1, "must be in [0, 1]"),
-        ("weight_decay", opt["weight_decay"] >= 0, "must be >= 0"),
-        ("clip_norm", opt["clip_norm"] > 0, "must be > 0"),
-        ("b1", 0 <= opt["b1"] < 1, "must be in [0, 1)"),
-        ("b2", 0 <= opt["b2"] < 1, "must be in [0, 1)"),
-        ("eps", opt["eps"] > 0, "must be > 0"),
+        ("lr", opt.lr > 0, "must be > 0"),
+        ("warmup_steps", opt.warmup_steps >= 0, "must be >= 0"),
+        ("decay_steps", opt.decay_steps >= 1, "must be >= 1"),
+        ("end_lr_fraction", 0 <= opt.end_lr_fraction <= 1, "must be in [0, 1]"),
+        ("weight_decay", opt.weight_decay >= 0, "must be >= 0"),
+        ("clip_norm", opt.clip_norm > 0, "must be > 0"),
+        ("b1", 0 <= opt.b1 < 1, "must be in [0, 1)"),
+        ("b2", 0 <= opt.b2 < 1, "must be in [0, 1)"),
+        ("eps", opt.eps > 0, "must be > 0"),
     ]
     for name, ok, why in checks:
         if not ok:
-            raise ValueError(f"opt.{name}={opt[name]!r} {why}")
+            raise ValueError(f"opt.{name}={getattr(opt, name)!r} {why}")

@@ -1,5 +1,5 @@
-"""What a run writes as it goes: metrics.jsonl records (and their TensorBoard view), the host-side
-form of the train step's device metrics, and the progress line.
+"""What a run writes as it goes: metrics.jsonl records (their TensorBoard view: hooks.TensorBoardSink),
+the host-side form of the train step's device metrics, and the progress line.
 
 metrics.jsonl holds one JSON object per line: "train" records (loss, lr, grad_norm; at stats steps the
 per-layer statistics and spectra), "eval" records (one per split and step: "val", "test", "final") and
@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxsmooth import theory
 from jaxsmooth.config import ModelConfig
-from jaxsmooth.train import jsonl, tblog
+from jaxsmooth.train import jsonl
 from jaxsmooth.train import workdir as wd
 
 # Per-layer statistics written to metrics.jsonl at stats steps (a subset of metrics.LAYER_STAT_KEYS).
@@ -28,10 +28,15 @@ LOGGED_LAYER_STATS = ("token_cosine", "hfc_lfc")
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, at most one "train" record and one "eval" record per split
-    ("val", "test", "final") per step. Only process 0 writes."""
+    ("val", "test", "final") per step. Only process 0 writes.
 
-    def __init__(self, path: Path, enabled: bool, tensorboard: tblog.TensorBoard | None = None):
-        self.path, self.enabled, self.tensorboard = path, enabled, tensorboard
+    Args:
+      path: the file (DIR/metrics.jsonl).
+      enabled: whether this process writes (process 0).
+    """
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
         self._seen: set[tuple[str, int]] = set()  # (type, step) of the train/eval records in the file
 
     def truncate_after(self, step: int) -> None:
@@ -45,10 +50,18 @@ class MetricsLog:
         wd.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._seen = {(r.get("type"), r.get("step"), r.get("split")) for r in kept}
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> bool:
+        """Append a record.
+
+        Args:
+          record: a JSON-able dict with "type" ("train", "eval", "event") and "step".
+        Returns:
+          False (and nothing written) on processes other than 0 and for a train/eval record already in the
+          file (e.g. the final eval of a finished run that is rerun unchanged); True otherwise.
+        """
         key = (record.get("type"), record.get("step"), record.get("split"))
         if not self.enabled or (key[0] in ("train", "eval") and key in self._seen):
-            return  # e.g. the final eval of a finished run that is rerun unchanged
+            return False
         self._seen.add(key)
         try:
             # On a fresh line (a torn tail is set aside first). No fsync, as before: after a crash the steps
@@ -58,11 +71,7 @@ class MetricsLog:
             if wd.is_disk_full(e):  # a torn last line is set aside by the next start's truncate_after
                 raise wd.disk_full_error(self.path, e) from None
             raise
-        if self.tensorboard is not None:  # the same records, as TensorBoard events
-            if key[0] == "train":
-                self.tensorboard.train_record(record)
-            elif key[0] == "eval":
-                self.tensorboard.eval_record(record)
+        return True
 
 
 def read_metrics(path: str | Path) -> list[dict]:

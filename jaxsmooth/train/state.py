@@ -19,14 +19,27 @@ from flax import nnx
 from jaxsmooth import data as data_lib
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx import CausalLM, ViT
-from jaxsmooth.train import checkpoint
+from jaxsmooth.train import checkpoint, migrate
 from jaxsmooth.train import workdir as wd
 
 
-def build_model(mcfg: ModelConfig, ds: data_lib.Dataset, config, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(mcfg: ModelConfig, ds: data_lib.Dataset, data, rngs: nnx.Rngs) -> nnx.Module:
+    """The model a run trains: a ViT for an image dataset, a causal LM for text.
+
+    Args:
+      mcfg: the model config.
+      ds: the dataset (its kind, classes or vocabulary, image shape).
+      data: the data section, typed (`settings.data`) or not (`config.data`): its patch_size (images) or
+        seq_len (text). A whole run config is accepted too.
+      rngs: the parameter initialisation's Rngs.
+    Returns:
+      The nnx model.
+    """
+    if hasattr(data, "data") and not hasattr(data, "patch_size"):  # a whole run config
+        data = data.data
     if ds.kind == "text":
-        return CausalLM(mcfg, ds.vocab_size, config.data.seq_len, rngs=rngs)
-    return ViT(mcfg, ds.num_classes, ds.image_shape, config.data.patch_size, rngs=rngs)
+        return CausalLM(mcfg, ds.vocab_size, data.seq_len, rngs=rngs)
+    return ViT(mcfg, ds.num_classes, ds.image_shape, data.patch_size, rngs=rngs)
 
 
 def new_state(params, tx: optax.GradientTransformation, *, seed: int, step: int = 0) -> dict:
@@ -58,6 +71,8 @@ class LoadedRun:
     dataset: data_lib.Dataset  # the full dataset (test split as trained against; no train_fraction subset)
     model: nnx.Module
     step: int
+    # What jaxsmooth.train.migrate changed in the saved config (e.g. a run older than model.value_norm).
+    migration_notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def load_run(workdir: str | Path, step: int | None = None) -> LoadedRun:
@@ -67,7 +82,8 @@ def load_run(workdir: str | Path, step: int | None = None) -> LoadedRun:
       workdir: the run directory (relative paths work).
       step: the checkpoint step (default: the newest).
     Returns a LoadedRun. The model is built from the config saved inside the checkpoint (DIR/config.json
-    for checkpoints of older versions). Read-only: a corrupt, unverifiable or ill-fitting step raises
+    for checkpoints of older versions), migrated to today's form (jaxsmooth.train.migrate; its notes say
+    what changed). Read-only: a corrupt, unverifiable or ill-fitting step raises
     `checkpoint.CheckpointError` saying which and naming the other steps; a damaged config.json raises
     `workdir.MetadataError` naming it; nothing is moved. For evaluation, audits and experiments.
     """
@@ -87,6 +103,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> LoadedRun:
                 f"{workdir} has no config.json, so the model of step {step} cannot be rebuilt"
             )
         raw, source = wd.read_json(cfg_path, "restore it from a copy of the run"), str(cfg_path)
+    raw, notes = migrate.migrate_config(raw)  # a config written by an older jaxsmooth, in today's form
     config = ml_collections.ConfigDict(raw)
     mcfg = ModelConfig.from_dict(config.model.to_dict())
     ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
@@ -94,4 +111,4 @@ def load_run(workdir: str | Path, step: int | None = None) -> LoadedRun:
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     step, pure = checkpoint.restore_params(workdir, nnx.to_pure_dict(params), step, source=source)
     nnx.replace_by_pure_dict(params, pure)
-    return LoadedRun(config, mcfg, ds, nnx.merge(graphdef, params, rest), step)
+    return LoadedRun(config, mcfg, ds, nnx.merge(graphdef, params, rest), step, notes)

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxsmooth.train import migrate
+
 LOCK_FILE = "jaxsmooth.lock"
 # What a previous run leaves in its workdir; `--restart` renames each to <stem>.<k><suffix>.
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "curves.png", "checkpoints")
@@ -415,13 +417,7 @@ _ABSENT = object()
 
 # Fields added to the config after runs had been made, with the value that behaves as before they existed:
 # a checkpoint whose stored config lacks one resumes under a config that has it at that value.
-ADDED_FIELDS = {
-    "data.val_size": 0, "data.corrupt_train": "none", "data.eval_corruptions": "", "train.select": "last",
-    "train.train_eval_size": 0, "train.test_max_examples": 0, "train.profile": False,
-    "train.on_nonfinite": "stop", "model.drop_path": 0.0, "data.random_crop_pad": 0,
-    "data.random_flip": False, "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
-    "train.label_smoothing": 0.0, "train.step_timeout_s": -1.0,
-}  # fmt: skip
+ADDED_FIELDS = migrate.ADDED_FIELDS
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
