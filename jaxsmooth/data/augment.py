@@ -23,7 +23,9 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """What the train step applies (all off by default); built from the config by `from_config`."""
+    """What the train step applies (all off by default); the trainer builds it from data.random_crop_pad,
+    data.random_flip, data.mixup_alpha, data.cutmix_alpha and train.label_smoothing
+    (`jaxsmooth.train.settings.resolve`)."""
 
     crop_pad: int = 0  # data.random_crop_pad: pad-and-crop shift in pixels (0: none)
     flip: bool = False  # data.random_flip: horizontal flips
@@ -53,15 +55,6 @@ class Augment:
     def soft(self) -> bool:
         """Whether the loss needs soft targets (mixing or label smoothing)."""
         return bool(self.mixup or self.cutmix or self.label_smoothing)
-
-    @classmethod
-    def from_config(cls, config) -> Augment:
-        d, t = config.data, config.train
-        return cls(
-            crop_pad=d.get("random_crop_pad", 0), flip=d.get("random_flip", False),
-            mixup=d.get("mixup_alpha", 0.0), cutmix=d.get("cutmix_alpha", 0.0),
-            label_smoothing=t.get("label_smoothing", 0.0),
-        )  # fmt: skip
 
 
 def random_crop_flip(key: jax.Array, x_BxHxWxC: jax.Array, pad: int, flip: bool) -> jax.Array:
