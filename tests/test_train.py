@@ -392,7 +392,7 @@ def test_truncated_config_json_and_older_checkpoints(reference, tmp_path):
 def test_resume_on_other_host_cpus_says_it_is_not_bit_identical(reference, tmp_path, monkeypatch, capsys):
     workdir = copy_run(reference, tmp_path)
     saved = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(saved + 1)))
+    monkeypatch.setattr(trainer.os, "sched_getaffinity", lambda pid: set(range(saved + 1)))
     train.train(tiny(steps=N + 1), workdir, verbose=False)
     err = capsys.readouterr().err
     assert f"{saved} host CPU(s); this run uses" in err and "not be bit-identical" in err

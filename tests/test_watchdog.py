@@ -20,8 +20,8 @@ HANG_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import jax, jax.numpy as jnp, numpy as np
-    from jaxsmooth import train
     from jaxsmooth.tools import cli
+    from jaxsmooth.train import trainer
 
     workdir, hang_at, *overrides = sys.argv[1:]
 
@@ -31,7 +31,7 @@ HANG_SCRIPT = textwrap.dedent(
             time.sleep(3600)
         return np.zeros((), np.float32)
 
-    make = train.make_train_step
+    make = trainer.make_train_step  # the name the trainer compiles
 
     def make_hanging(*args, **kwargs):
         step_fn = make(*args, **kwargs)
@@ -43,9 +43,9 @@ HANG_SCRIPT = textwrap.dedent(
 
         return step
 
-    train.make_train_step = make_hanging
+    trainer.make_train_step = make_hanging
     config, _, _ = cli.parse_train_args(["--config", "digits:quick", *overrides])
-    train.train(config, workdir)
+    trainer.train(config, workdir)
     """
 )
 TINY = {

@@ -34,6 +34,7 @@ Params here are the pure-dict form (`nnx.to_pure_dict`) of `nnx.split(model, nnx
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -52,12 +53,24 @@ NO_DECAY_TYPES = (LNGain, BranchScale)
 STACK_AXIS = "layers"
 
 
+def _fields(opt: Any) -> Any:
+    """The opt section with attribute access: OptSettings and ConfigDict as they are, a plain dict wrapped."""
+    return types.SimpleNamespace(**opt) if isinstance(opt, dict) else opt
+
+
 def make_schedule(opt: Any) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """Learning rate as a function of the optimiser step: linear warmup from 0, then the decay.
 
-    opt.schedule: "cosine" (to end_lr_fraction * lr at decay_steps), "linear" (same end point),
-    "constant" (lr after warmup). decay_steps counts from step 0, warmup included (optax convention).
+    Args:
+      opt: the opt section (`settings.opt`, `config.opt` or a dict with the same fields).
+        opt.schedule: "cosine" (to end_lr_fraction * lr at decay_steps), "linear" (same end point),
+        "constant" (lr after warmup). decay_steps counts from step 0, warmup included (optax convention).
+    Returns:
+      step -> learning rate.
+    Raises:
+      ValueError naming a bad opt field.
     """
+    opt = _fields(opt)
     _check_opt(opt)
     lr, warmup, total = float(opt.lr), int(opt.warmup_steps), int(opt.decay_steps)
     end = lr * float(opt.end_lr_fraction)
@@ -99,6 +112,7 @@ def make_optimizer(opt: Any, params: nnx.State) -> optax.GradientTransformation:
     `params` (the typed nnx.State of the model's nnx.Param variables) only decides the mask; the returned
     transformation acts on `nnx.to_pure_dict(params)`-shaped trees.
     """
+    opt = _fields(opt)
     _check_opt(opt)
     stages = [
         optax.clip_by_global_norm(float(opt.clip_norm)),
