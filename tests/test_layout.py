@@ -189,3 +189,25 @@ def test_the_checker_catches_what_it_forbids(tmp_path, monkeypatch):
     finally:
         CORE.discard("_layout_probe")
         fake.unlink()
+
+
+# Functions allowed past MAX_LINES, each with its reason (none today).
+LONG_FUNCTIONS: dict[str, str] = {}
+MAX_LINES = 80
+
+
+def test_no_function_is_over_80_lines():
+    """Code lines of every function in the package (its docstring not counted), nested ones included."""
+    long = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            n = node.end_lineno - node.lineno + 1
+            doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) else None
+            if doc is not None and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+                n -= doc.end_lineno - doc.lineno + 1
+            name = f"{module_name(path)}.{node.name}"
+            if n > MAX_LINES and name not in LONG_FUNCTIONS:
+                long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {node.name} ({n} lines)")
+    assert not long, "functions over 80 lines (split them, or list them with a reason):\n" + "\n".join(long)
