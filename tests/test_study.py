@@ -1,9 +1,15 @@
 """Studies: cells are keyed by their full resolved config (and the study), a quick study runs end to end in
-parallel pinned processes and appends one record per cell, a rerun skips finished cells, the report pairs
-variants with the baseline, and the statistics are right."""
+parallel pinned processes and appends one record per cell, a rerun skips finished cells, `--commit`
+commits the records in batches and whenever the runner stops, the report pairs variants with the
+baseline, and the statistics are right."""
 
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +154,166 @@ def test_quick_study_runs_skips_finished_cells_and_reports(tmp_path, monkeypatch
     assert rec["cpu"] == study.cpu_model() and not any("note:" in line for line in lines)  # same processor
     with pytest.raises(study.StudyError, match="no record"):
         study.reproduce(spec, "zzzz", root=rerun, results_dir=results)
+
+
+# ------------------------------------------------------------------------------------ committing
+
+
+def fake_launch(fail=frozenset()):
+    """study._launch without training (a fraction of a second per cell instead of minutes): the cell's
+    workdir gets the summary.json a finished run writes (a test accuracy made up from its variant and
+    seed) and its process is `true`; for the (variant, seed) pairs in `fail` it is `false`, no summary."""
+
+    def launch(cell, config, workdir, cores):
+        workdir.mkdir(parents=True, exist_ok=True)
+        failed = (cell.variant, cell.seed) in fail
+        if not failed:
+            acc = 0.8 + 0.01 * cell.seed + 0.05 * (cell.variant == "sharpen")
+            (workdir / "summary.json").write_text(json.dumps({"test_accuracy": acc, "steps": 20}))
+        proc = subprocess.Popen(["false" if failed else "true"])
+        return study._Job(cell, config, workdir, proc, time.time(), cores, workdir / "study.log")
+
+    return launch
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """(a fresh git repository with one empty commit, git(*args) -> stdout run in it)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
+                              text=True).stdout  # fmt: skip
+
+    git("init", "-q")
+    for key, value in (("user.name", "study test"), ("user.email", "study@test.invalid"),
+                       ("commit.gpgsign", "false")):  # fmt: skip
+        git("config", key, value)
+    git("commit", "-q", "--allow-empty", "-m", "start")
+    return root, git
+
+
+@pytest.fixture
+def six_cells():
+    """The quick lr study with three seeds: 2 variants x 1 grid point x 3 seeds."""
+    spec = study.load_spec(SPECS / "lr.py", quick=True)
+    return dict(spec, name="lr_commit", seeds=[0, 1, 2])
+
+
+def study_commits(git) -> list[tuple[str, list[str], list[str]]]:
+    """(message, keys of the records it added, files it changed) of every commit after the first, oldest
+    first."""
+    out = []
+    for sha in git("rev-list", "--reverse", "HEAD").split()[1:]:
+        diff = git("show", "--format=", "--unified=0", sha)
+        added = [json.loads(line[1:])["key"] for line in diff.splitlines() if line.startswith("+{")]
+        files = git("show", "--format=", "--name-only", sha).split()
+        out.append((git("show", "-s", "--format=%B", sha), added, files))
+    return out
+
+
+def measured(records: list[dict]) -> list[dict]:
+    """The records without when, where and how fast they ran, in key order."""
+    out = [{k: v for k, v in r.items() if k not in study.CIRCUMSTANTIAL_FIELDS} for r in records]
+    return sorted(out, key=lambda r: r["key"])
+
+
+@pytest.mark.parametrize("every", [1, 4, 10])
+def test_commit_every_k_cells_makes_ceil_n_over_k_commits(six_cells, repo, tmp_path, monkeypatch, every):
+    """6 cells committed every k: ceil(6 / k) commits, each changing only the results file, adding the
+    records of k cells (the last one: the rest, at the end of the run) and naming exactly those cells."""
+    root, git = repo
+    monkeypatch.setattr(study, "_launch", fake_launch())
+    results = root / "results"
+    study.run(six_cells, jobs=2, root=tmp_path / "runs", results_dir=results, commit=True,
+              commit_every=every, say=lambda line: None)  # fmt: skip
+    commits = study_commits(git)
+    assert len(commits) == math.ceil(6 / every)
+    assert [len(added) for _, added, _ in commits] == [min(every, 6 - i * every) for i in range(len(commits))]
+    done = 0
+    for message, added, files in commits:
+        done += len(added)
+        subject, _, body = message.partition("\n\n")
+        plural = "s" if len(added) > 1 else ""
+        assert subject == f"study lr_commit: {len(added)} cell{plural} ({done} of 6 done)"
+        assert sorted(re.findall(r"seed \d \(([0-9a-f]{16})\)", body)) == sorted(added)
+        assert files == ["results/lr_commit.jsonl"]
+    assert git("show", "HEAD:results/lr_commit.jsonl") == (results / "lr_commit.jsonl").read_text()
+    assert git("status", "--porcelain", "results") == ""
+
+
+def test_batched_commits_leave_the_records_as_they_were(six_cells, repo, tmp_path, monkeypatch):
+    """The same cells run with and without --commit write the same records (all but timings and dates),
+    one line per cell as each finishes, in the cells' order with one job."""
+    root, git = repo
+    monkeypatch.setattr(study, "_launch", fake_launch())
+    say = lambda line: None
+    committed = study.run(six_cells, root=tmp_path / "a", results_dir=root / "results", commit=True,
+                          commit_every=4, say=say)  # fmt: skip
+    plain = study.run(six_cells, root=tmp_path / "b", results_dir=tmp_path / "plain", say=say)
+    assert measured(committed) == measured(plain) and len(plain) == 6
+    assert [r["key"] for r in committed] == [study.resolve(c)[0].key for c in study.cells(six_cells)]
+    assert {r["test_accuracy"] for r in committed} == {0.8, 0.81, 0.82, 0.85, 0.86, 0.87}
+    assert [len(added) for _, added, _ in study_commits(git)] == [4, 2]
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "sigterm"])
+def test_an_interrupted_runner_commits_the_cells_it_finished(six_cells, repo, tmp_path, monkeypatch, how):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM after 3 of 6 cells, with commits due every 10: those 3 are
+    committed before the runner stops (SIGTERM is raised as KeyboardInterrupt, and its handler restored),
+    and a rerun runs and commits the other 3."""
+    root, git = repo
+    monkeypatch.setattr(study, "_launch", fake_launch())
+    before = signal.getsignal(signal.SIGTERM)
+
+    def say(line):
+        if line.startswith("  [3/6]"):
+            if how == "ctrl_c":
+                raise KeyboardInterrupt
+            # Never kill the test process: the runner must have replaced the handler.
+            assert signal.getsignal(signal.SIGTERM) not in (before, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises as soon as the signal arrives
+
+    kw = dict(jobs=1, root=tmp_path / "runs", results_dir=root / "results", commit=True, commit_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        study.run(six_cells, say=say, **kw)
+    assert signal.getsignal(signal.SIGTERM) is before
+    ((message, added, _),) = study_commits(git)
+    assert message.startswith("study lr_commit: 3 cells (3 of 6 done; runner interrupted)")
+    assert len(added) == 3
+    assert git("show", "HEAD:results/lr_commit.jsonl") == (root / "results" / "lr_commit.jsonl").read_text()
+    records = study.run(six_cells, say=lambda line: None, **kw)
+    assert len(records) == 6 and [len(a) for _, a, _ in study_commits(git)] == [3, 3]
+
+
+def test_a_failed_cell_commits_the_cells_finished_before_it(six_cells, repo, tmp_path, monkeypatch):
+    """The 4th of 6 cells fails: the 3 before it are committed then (the message names the failed cell),
+    the 2 after it at the end, and the runner reports the failure."""
+    root, git = repo
+    monkeypatch.setattr(study, "_launch", fake_launch(fail={("sharpen", 1)}))
+    with pytest.raises(study.StudyError, match="1 cell\\(s\\) of lr_commit failed"):
+        study.run(six_cells, jobs=1, root=tmp_path / "runs", results_dir=root / "results", commit=True,
+                  say=lambda line: None)  # fmt: skip
+    commits = study_commits(git)
+    assert [len(added) for _, added, _ in commits] == [3, 2]
+    assert commits[0][0].startswith("study lr_commit: 3 cells (3 of 6 done; then sharpen lr=0.001 seed 1 "
+                                    "failed)")  # fmt: skip
+    assert len(study.read_records(root / "results" / "lr_commit.jsonl")) == 5
+
+
+def test_command_line_commit_every(repo, tmp_path, monkeypatch, capsys):
+    """`--commit-every N` implies --commit; N < 1 is a usage error."""
+    root, git = repo
+    monkeypatch.setattr(study, "_launch", fake_launch())
+    argv = ["run", str(SPECS / "lr.py"), "--quick", "--root", str(tmp_path / "runs"), "--results",
+            str(root / "results")]  # fmt: skip
+    assert study.main([*argv, "--commit-every", "3"]) == 0
+    assert [len(added) for _, added, _ in study_commits(git)] == [3, 1]  # the quick study's 4 cells
+    with pytest.raises(SystemExit):
+        study.main([*argv, "--commit-every", "0"])
+    assert "--commit-every=0 must be >= 1" in capsys.readouterr().err
 
 
 def test_compare_records_names_what_a_rerun_changed():

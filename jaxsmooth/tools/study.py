@@ -1,6 +1,7 @@
 """Studies: grids of `jaxsmooth train` runs with seeds, committed result records, and reports.
 
     jaxsmooth study run experiments/studies/depth.py --jobs 2        # run (or resume) every cell
+    jaxsmooth study run experiments/studies/depth.py --commit        # ... and git-commit the records
     jaxsmooth study run experiments/studies/depth.py --quick         # the minutes-long smoke version
     jaxsmooth study status experiments/studies/depth.py              # cells done / total
     jaxsmooth study report experiments/studies/depth.py              # markdown tables + PNG figures
@@ -32,7 +33,10 @@ ones resume from their checkpoints. `--jobs N` runs N cells at once, each in its
 its own cores (`taskset`). When a cell finishes, one compact JSON record (key, the exact command that
 reproduces it, seed, tags, wall time, train / validation / test metrics, per-layer profiles at init and
 at the end, effective-map spectra, LN-gain signs) is appended to `<results>/<study>.jsonl` with an fsync,
-and `--commit` commits that file, so a lost machine loses at most the cells running at the time.
+so a lost machine loses at most the cells running at the time. `--commit` git-commits that file (only
+it) every `--commit-every N` finished cells (default 10; the message names the study, how many cells and
+which) and whenever the runner stops: at the end, when a cell fails, on Ctrl-C or SIGTERM, on any error.
+So the history reads one commit per batch, not per cell, and no finished record is left uncommitted.
 
 The report pairs every variant with the baseline of the same grid point and seed (same data split, same
 data order) and gives mean +/- std over seeds and the paired difference with a 95% confidence interval
@@ -49,12 +53,15 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +70,7 @@ from jaxsmooth.train import jsonl
 PROTOCOL = 1  # bumped when what a record means changes (keys of old records then differ)
 DEFAULT_ROOT = Path("runs") / "studies"
 DEFAULT_RESULTS = Path("experiments") / "results"
+COMMIT_EVERY = 10  # default of --commit-every: finished cells per commit of the results file
 # summary.json fields copied into a record (whichever exist for the task).
 RECORD_FIELDS = (
     "test_accuracy", "test_loss", "test_bpc", "test_examples", "val_accuracy", "val_loss", "val_bpc",
@@ -409,15 +417,30 @@ def run(
     root: str | Path = DEFAULT_ROOT,
     results_dir: str | Path = DEFAULT_RESULTS,
     commit: bool = False,
+    commit_every: int = COMMIT_EVERY,
     only: Sequence[str] | None = None,
     keep_workdirs: bool = True,
     say=print,
 ) -> list[dict]:
     """Run every unfinished cell of `spec` (see the module docstring); returns all records of the study.
 
-    only: run just the cells whose variant is listed. keep_workdirs=False deletes a finished cell's
-    workdir (checkpoints) once its record is written.
+    Args:
+      spec: a `load_spec` dict.
+      jobs: cells run at once, each pinned to its own share of the CPUs.
+      root: where the cells' workdirs go (`<root>/<study>/<key>`).
+      results_dir: where `<study>.jsonl` is; each finished cell's record is appended to it at once.
+      commit: git-commit the results file every `commit_every` finished cells and whenever the runner
+        stops (at the end, when a cell fails, on KeyboardInterrupt or SIGTERM, on any error).
+      commit_every: finished cells per commit (>= 1).
+      only: run just the cells whose variant is listed.
+      keep_workdirs: False deletes a finished cell's workdir (checkpoints) once its record is written.
+      say: where progress lines go.
+    Returns:
+      Every record of the study (also those of earlier invocations). Raises StudyError if a cell failed
+      (after the other cells have run); a SIGTERM raises KeyboardInterrupt, after the commit.
     """
+    if commit_every < 1:
+        raise StudyError(f"commit_every={commit_every} must be >= 1")
     results = results_path(spec, results_dir)
     records = read_records(results)
     todo, done_keys = [], {r["key"] for r in records}
@@ -434,21 +457,50 @@ def run(
         f"({jobs} at a time{others}), results in {results}")  # fmt: skip
     if not todo:
         return read_records(results)
-    groups = _core_groups(jobs)
-    free = list(groups)
-    running: list[_Job] = []
-    finished = _timings(all_cells, records)[0]
     remaining = {c.key: _cost(cfg) for c, cfg in todo}
+    progress = _Progress(n_done, total, _timings(all_cells, records)[0], remaining, len(_core_groups(jobs)))
+    committer = _Committer(results, spec, commit_every if commit else 0, progress)
+    try:
+        with _sigterm_raises_keyboard_interrupt():
+            failures = _run_cells(
+                spec, todo, jobs, Path(root), results, keep_workdirs, progress, committer, say
+            )
+    except BaseException as e:  # Ctrl-C, SIGTERM, a full disk...: commit what finished, then stop
+        committer.flush("runner interrupted" if isinstance(e, KeyboardInterrupt) else
+                        f"runner stopped by {type(e).__name__}")  # fmt: skip
+        raise
+    committer.flush()
+    if failures:
+        raise StudyError(
+            f"{len(failures)} cell(s) of {spec['name']} failed (their logs are named above); fix and rerun: "
+            "finished cells are kept and skipped"
+        )
+    return read_records(results)
+
+
+def _run_cells(
+    spec: dict,
+    todo: list[tuple[Cell, Any]],
+    jobs: int,
+    root: Path,
+    results: Path,
+    keep_workdirs: bool,
+    progress: _Progress,
+    committer: _Committer,
+    say,
+) -> list[Cell]:
+    """Run the (cell, config) pairs of `todo`, `jobs` at a time; as each one exits, append its record to
+    `results`, count it in `progress` and hand it to `committer` (or report its failure). Returns the
+    cells that failed."""
+    free = _core_groups(jobs)
+    running: list[_Job] = []
     failures = []
     while todo or running:
         while todo and free:
             cell, config = todo.pop(0)
-            cores = free.pop(0)
-            running.append(_launch(cell, config, Path(root) / cell.study / cell.key, cores))
+            running.append(_launch(cell, config, root / cell.study / cell.key, free.pop(0)))
         time.sleep(0.5)
-        for job in list(running):
-            if job.proc.poll() is None:
-                continue
+        for job in [j for j in running if j.proc.poll() is not None]:
             running.remove(job)
             free.append(job.cores)
             wall = time.time() - job.started
@@ -456,24 +508,84 @@ def run(
                 tail = job.log.read_text()[-1500:] if job.log.is_file() else ""
                 failures.append(job.cell)
                 say(f"  FAILED {job.cell.tags} (rc {job.proc.returncode}); log {job.log}:\n{tail}")
+                committer.flush(f"then {_label(spec, job.cell)} failed")
                 continue
             record = make_record(job.cell, job.workdir, wall, job.config, cores=len(job.cores))
+            committer.add(job.cell)  # before the append: a stop right after it still commits the record
             append_record(results, record)
-            if commit:
-                _git_commit(results, f"study {spec['name']}: {_label(spec, job.cell)}")
+            eta = progress.finish(job.cell, wall)
+            committer.commit_if_due()
             if not keep_workdirs:
                 shutil.rmtree(job.workdir, ignore_errors=True)
-            finished.append((remaining.pop(job.cell.key), wall))
-            n_done += 1
-            eta = hours_left(finished, list(remaining.values())) * 3600 / max(1, len(groups))
-            say(f"  [{n_done}/{total}] {_label(spec, job.cell)}: {_headline(record)} in {wall:.0f} s; "
-                f"study ETA {_hms(eta)}")  # fmt: skip
-    if failures:
-        raise StudyError(
-            f"{len(failures)} cell(s) of {spec['name']} failed (their logs are named above); fix and rerun: "
-            "finished cells are kept and skipped"
-        )
-    return read_records(results)
+            say(f"  [{progress.done}/{progress.total}] {_label(spec, job.cell)}: "
+                f"{_headline(record)} in {wall:.0f} s; study ETA {_hms(eta)}")  # fmt: skip
+    return failures
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Cells done of the study's total, and what the ETA is fitted on."""
+
+    done: int
+    total: int
+    finished: list[tuple[float, float]]  # (cost, wall seconds) of the finished cells (`hours_left`)
+    remaining: dict[str, float]  # key -> cost of the cells still to run
+    parallel: int  # cells run at once
+
+    def finish(self, cell: Cell, wall: float) -> float:
+        """Count `cell` as done in `wall` seconds; returns the study's ETA in seconds."""
+        self.finished.append((self.remaining.pop(cell.key), wall))
+        self.done += 1
+        return hours_left(self.finished, list(self.remaining.values())) * 3600 / max(1, self.parallel)
+
+
+class _Committer:
+    """Git commits of a study's results file, one per `every` finished cells (0: no commits) plus one
+    whenever `flush` is called with cells pending: a readable history, and no finished cell left out."""
+
+    def __init__(self, path: Path, spec: dict, every: int, progress: _Progress):
+        self.path, self.spec, self.every, self.progress = path, spec, every, progress
+        self.pending: list[Cell] = []  # finished cells whose records are not committed yet
+
+    def add(self, cell: Cell) -> None:
+        if self.every:
+            self.pending.append(cell)
+
+    def commit_if_due(self) -> None:
+        if self.every and len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self, why: str = "") -> None:
+        """Commit the pending cells' records now (`why`: the reason, in the commit message). A failed
+        commit keeps them pending: the next commit holds and names them."""
+        if self.pending and _git_commit(self.path, self.message(why)):
+            self.pending = []
+
+    def message(self, why: str = "") -> str:
+        """`study NAME: K cells (D of T done[; why])`, then one line per cell: its label and key."""
+        n, p = len(self.pending), self.progress
+        subject = f"study {self.spec['name']}: {n} cell{'s' if n != 1 else ''} ({p.done} of {p.total} done"
+        subject += f"; {why})" if why else ")"
+        return subject + "\n\n" + "".join(f"{_label(self.spec, c)} ({c.key})\n" for c in self.pending)
+
+
+@contextmanager
+def _sigterm_raises_keyboard_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so the runner's cleanup runs:
+    the finished cells are committed before it stops. Only the main thread can set handlers; elsewhere
+    SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _launch(cell: Cell, config, workdir: Path, cores: tuple[int, ...]) -> _Job:
@@ -584,14 +696,19 @@ def _short(v: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _git_commit(path: Path, message: str) -> None:
-    """Commit the results file (only it); a failure is reported, never fatal: the record is on disk."""
+def _git_commit(path: Path, message: str) -> bool:
+    """Commit the results file (only it) to the repository that holds it; True if that worked. A failure
+    is reported, never fatal: the records are on disk."""
+    where = ["git", "-C", str(path.parent)]
     try:
-        subprocess.run(["git", "add", str(path)], check=True, capture_output=True, timeout=60)
-        subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], check=True,
+        subprocess.run([*where, "add", path.name], check=True, capture_output=True, timeout=60)
+        subprocess.run([*where, "commit", "-q", "-m", message, "--", path.name], check=True,
                        capture_output=True, timeout=60)  # fmt: skip
     except (subprocess.SubprocessError, OSError) as e:
-        print(f"  (could not commit {path}: {e})", file=sys.stderr)
+        err = getattr(e, "stderr", None) or b""
+        print(f"  (could not commit {path}: {e} {err.decode(errors='replace').strip()})", file=sys.stderr)
+        return False
+    return True
 
 
 def _label(spec: dict, cell: Cell) -> str:
@@ -852,7 +969,7 @@ def main(argv: list[str]) -> int:
         return _main(argv)
 
 
-def _main(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxsmooth study", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["run", "status", "report", "reproduce"])
     p.add_argument("spec", help="a study spec file (experiments/studies/<name>.py)")
@@ -861,7 +978,11 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--root", default=str(DEFAULT_ROOT), help="where cell workdirs go (default runs/studies)")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="where <study>.jsonl records go")
     p.add_argument("--out", default=None, help="report output directory (default: --results)")
-    p.add_argument("--commit", action="store_true", help="git-commit the results file after every cell")
+    p.add_argument("--commit", action="store_true",
+                   help="git-commit the results file every --commit-every finished cells and when the "
+                   "runner stops (at the end, on a failed cell, Ctrl-C or SIGTERM)")  # fmt: skip
+    p.add_argument("--commit-every", type=int, default=None, metavar="N",
+                   help=f"finished cells per commit (default {COMMIT_EVERY}; implies --commit)")  # fmt: skip
     p.add_argument("--only", default=None, help="comma-separated variants to run (default all)")
     p.add_argument("--baseline", default=None,
                    help="report: compare every variant with this one instead of the spec's baseline "
@@ -874,16 +995,25 @@ def _main(argv: list[str]) -> int:
         help="reproduce: CPUs to pin the rerun to (default: as many as the record ran on)",
     )
     p.add_argument("--keep", action="store_true", help="reproduce: keep the rerun's workdir")
+    return p
+
+
+def _main(argv: list[str]) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs={args.jobs} must be >= 1")
+    if args.commit_every is not None and args.commit_every < 1:
+        p.error(f"--commit-every={args.commit_every} must be >= 1")
     try:
         spec = load_spec(args.spec, args.quick)
         if args.quick:
             spec["name"] += "_quick"
         if args.action == "run":
             only = args.only.split(",") if args.only else None
-            run(spec, jobs=args.jobs, root=args.root, results_dir=args.results, commit=args.commit, only=only)
+            commit = args.commit or args.commit_every is not None
+            run(spec, jobs=args.jobs, root=args.root, results_dir=args.results, commit=commit,
+                commit_every=args.commit_every or COMMIT_EVERY, only=only)  # fmt: skip
         elif args.action == "reproduce":
             if not args.cell:
                 raise StudyError("reproduce needs --cell KEY (a record's key, or a unique prefix of it)")
@@ -892,21 +1022,7 @@ def _main(argv: list[str]) -> int:
                               keep=args.keep)  # fmt: skip
             return 1 if diffs else 0
         elif args.action == "status":
-            records = read_records(results_path(spec, args.results))
-            keys = {r["key"] for r in records}
-            all_cells = [resolve(c) for c in cells(spec)]
-            done, todo = _timings(all_cells, records)
-            left = hours_left(done, todo)
-            n_done = sum(c.key in keys for c, _ in all_cells)
-            line = f"study {spec['name']}: {n_done} of {len(all_cells)} cells done"
-            line += f" ({sum(w for _, w in done) / 3600:.2f} h of runs)"
-            if left > 0:
-                line += f"; about {left:.1f} h of runs left"
-                line += f" ({left / args.jobs:.1f} h with --jobs {args.jobs})" if args.jobs > 1 else ""
-            print(line)
-            for c, _ in all_cells:
-                if c.key not in keys:
-                    print(f"  to run: {_label(spec, c)}  ({c.key})")
+            _print_status(spec, args.results, args.jobs)
         else:
             records = read_records(results_path(spec, args.results))
             if not records:
@@ -922,4 +1038,29 @@ def _main(argv: list[str]) -> int:
     except (StudyError, jsonl.JsonlError) as e:  # JsonlError: a damaged line of a results file, named
         print(f"jaxsmooth study: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while running: the finished cells are recorded
+        saved = "recorded and committed" if args.commit or args.commit_every else "recorded"
+        how = str(e) or "Ctrl-C"
+        print(f"jaxsmooth study: interrupted ({how}); the finished cells are {saved}; rerun to continue "
+              "(unfinished cells resume from their checkpoints)", file=sys.stderr)  # fmt: skip
+        return 130
     return 0
+
+
+def _print_status(spec: dict, results_dir: str, jobs: int) -> None:
+    """`jaxsmooth study status`: cells done of the total, hours of runs done and left, the cells to run."""
+    records = read_records(results_path(spec, results_dir))
+    keys = {r["key"] for r in records}
+    all_cells = [resolve(c) for c in cells(spec)]
+    done, todo = _timings(all_cells, records)
+    left = hours_left(done, todo)
+    n_done = sum(c.key in keys for c, _ in all_cells)
+    line = f"study {spec['name']}: {n_done} of {len(all_cells)} cells done"
+    line += f" ({sum(w for _, w in done) / 3600:.2f} h of runs)"
+    if left > 0:
+        line += f"; about {left:.1f} h of runs left"
+        line += f" ({left / jobs:.1f} h with --jobs {jobs})" if jobs > 1 else ""
+    print(line)
+    for c, _ in all_cells:
+        if c.key not in keys:
+            print(f"  to run: {_label(spec, c)}  ({c.key})")
