@@ -310,6 +310,7 @@ def test_command_line_converts_a_run_directory(tmp_path):
     from jaxsmooth import train
     from jaxsmooth.tools import cli
     from jaxsmooth.train import checkpoint, optim
+    from jaxsmooth.train.state import new_state
 
     args = ["--config", "digits:quick,mode=none", "--config.model.depth=2", "--config.model.d_model=16",
             "--config.model.num_heads=2"]  # fmt: skip
@@ -317,10 +318,8 @@ def test_command_line_converts_a_run_directory(tmp_path):
     mcfg = train.check_config(config)
     ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
     model = train.build_model(mcfg, ds, config, nnx.Rngs(params=0))
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx = optim.make_optimizer(config.opt, nnx.state(model, nnx.Param))
-    state = {"params": pure, "opt_state": tx.init(pure), "step": jnp.int32(7),
-             "rng": jax.random.PRNGKey(1), "bad_step": jnp.int32(-1)}  # fmt: skip
+    state = new_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), tx, seed=config.train.seed, step=7)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(config.to_json_best_effort())
@@ -337,10 +336,7 @@ def test_command_line_converts_a_run_directory(tmp_path):
     for k in got:
         np.testing.assert_allclose(got[k], ref[k], atol=1e-6, err_msg=k)
     # The checkpoint is a whole trainer state (fresh optimiser moments), so training can resume from it.
-    full = checkpoint.Checkpoints(out, 1).restore_latest(
-        {"params": nnx.to_pure_dict(nnx.state(want, nnx.Param)),
-         "opt_state": optim.make_optimizer(config.opt, nnx.state(want, nnx.Param)).init(
-             nnx.to_pure_dict(nnx.state(want, nnx.Param))),
-         "step": jnp.int32(0), "rng": jax.random.PRNGKey(0), "bad_step": jnp.int32(0)}
-    )  # fmt: skip
+    want_params = nnx.state(want, nnx.Param)
+    target = new_state(nnx.to_pure_dict(want_params), optim.make_optimizer(config.opt, want_params), seed=0)
+    full = checkpoint.Checkpoints(out, 1).restore_latest(target)
     assert full is not None and full[0] == 7 and int(full[1]["bad_step"]) == -1

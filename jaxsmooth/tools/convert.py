@@ -111,9 +111,7 @@ def assign_heads(q_DxD: np.ndarray, lam_D: np.ndarray, head_maps_HxDxD: np.ndarr
 
 def _head_error(w_v_DxD: np.ndarray, w_o_DxD: np.ndarray, maps_HxDxD: np.ndarray) -> float:
     """sqrt(sum_h ||H_h - W_V[:, h] W_O[h, :]||^2 / sum_h ||H_h||^2)."""
-    n_heads, d = maps_HxDxD.shape[0], w_v_DxD.shape[0]
-    k = d // n_heads
-    ours = np.einsum("dhk,hke->hde", w_v_DxD.reshape(d, n_heads, k), w_o_DxD.reshape(n_heads, k, d))
+    ours = per_head_maps(w_v_DxD, w_o_DxD, maps_HxDxD.shape[0])
     return _rel(np.linalg.norm(maps_HxDxD - ours), np.linalg.norm(maps_HxDxD))
 
 
@@ -157,49 +155,27 @@ def nearest_spectral(
     """
     spectrum = _check_spectrum(spectrum)
     h = _check_h(h_DxD)
-    d = h.shape[0]
     if not (isinstance(refine_steps, int) and refine_steps >= 0):
         raise ValueError(f"refine_steps={refine_steps!r} must be an int >= 0")
     if refine_steps and spectrum.basis != "general":
         raise ValueError("refine_steps applies to basis='general' only (the orthogonal projection is exact)")
-    sym, skew = (h + h.T) / 2, (h - h.T) / 2
-    norm_h = np.linalg.norm(h)
-    mu, q = np.linalg.eigh(sym)
-    a, b = spectrum.closed_interval(alpha)
-    lam = np.clip(mu, a, b)
-    maps = None
-    if head_maps is not None:
-        maps = np.asarray(head_maps, np.float64)
+    interval = spectrum.closed_interval(alpha)
+    mu, q, lam = symmetric_projection(h, interval)
+    maps = None if head_maps is None else np.asarray(head_maps, np.float64)
     if maps is not None and assign:
         perm = assign_heads(q, lam, maps)
         q, lam, mu = q[:, perm], lam[perm], mu[perm]
     h_sym = (q * lam[None, :]) @ q.T
-    scale = 1.0 if spectrum.param_scale == "width" else math.sqrt(d)
-    psi = spectral.eigenvalues_inverse(jnp.asarray(lam, jnp.float32), spectrum, alpha)
-    q32 = jnp.asarray(q * scale, jnp.float32)
-    if spectrum.basis == "orthogonal":
-        theta: spectral.Theta = q32
-    else:  # V = Q(u) diag(sigma) Q(w)^T = Q with u = Q, w = I, s = 0 (sigma = 1)
-        theta = {"u": q32, "w": jnp.eye(d, dtype=jnp.float32) * scale, "s": jnp.zeros((d,), jnp.float32)}
-    info = {
-        "rel_error_symmetric": _rel(np.linalg.norm(h - h_sym), norm_h),
-        "skew_floor": _rel(np.linalg.norm(skew), norm_h),
-        "sym_fraction": _rel(np.linalg.norm(sym) ** 2, norm_h**2),
-        "skew_fraction": _rel(np.linalg.norm(skew) ** 2, norm_h**2),
-        "frac_clipped": float(np.mean((mu < a) | (mu > b))),
-        "sym_eig_min": float(mu.min()),
-        "sym_eig_max": float(mu.max()),
-        "refine_steps": refine_steps,
-    }
-    h_spec = h_sym
+    theta, psi = _spectral_parameters(q, lam, spectrum, alpha)
+    info = {**projection_info(h, h_sym, mu, interval), "refine_steps": refine_steps}
     if refine_steps:
         theta, psi = _refine(h, theta, psi, spectrum, alpha, refine_steps, refine_lr)
     w_v, w_o = spectral.value_projection(theta, psi, spectrum, alpha)
     w_v, w_o = np.asarray(w_v, np.float64), np.asarray(w_o, np.float64)
     h_comp = w_v @ w_o
-    if refine_steps:  # the refined point exists only as float32 parameters
-        h_spec = h_comp
+    h_spec = h_comp if refine_steps else h_sym  # the refined point exists only as float32 parameters
     lam_spec = np.asarray(spectral.eigenvalues(psi, spectrum, alpha), np.float64)
+    norm_h = np.linalg.norm(h)
     info.update(
         rel_error=_rel(np.linalg.norm(h - h_spec), norm_h),
         rel_error_composed=_rel(np.linalg.norm(h - h_comp), norm_h),
@@ -209,6 +185,60 @@ def nearest_spectral(
     if maps is not None:
         info["head_rel_error"] = _head_error(w_v, w_o, maps)
     return theta, psi, info
+
+
+def symmetric_projection(h_DxD: np.ndarray, interval: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """The Frobenius-nearest symmetric matrix to H with every eigenvalue in [a, b] (module docstring).
+
+    Args:
+      h_DxD: H, float64.
+      interval: (a, b).
+    Returns:
+      (mu_D, q_DxD, lam_D): the eigenvalues (ascending) and orthonormal eigenvectors (columns) of
+      S = (H + H^T) / 2, and lam = clip(mu, a, b); the projection is q diag(lam) q^T.
+    """
+    mu, q = np.linalg.eigh((h_DxD + h_DxD.T) / 2)
+    return mu, q, np.clip(mu, *interval)
+
+
+def projection_info(h_DxD: np.ndarray, h_sym_DxD: np.ndarray, mu_D: np.ndarray, interval) -> dict:
+    """What the symmetric projection h_sym of H kept and lost (`nearest_spectral`'s info, first part).
+
+    Args:
+      h_DxD: H, float64.
+      h_sym_DxD: its symmetric projection (`symmetric_projection`).
+      mu_D: the eigenvalues of S = (H + H^T) / 2 before clipping.
+      interval: the (a, b) they were clipped to.
+    Returns:
+      {rel_error_symmetric, skew_floor, sym_fraction, skew_fraction, frac_clipped, sym_eig_min,
+      sym_eig_max} (floats).
+    """
+    sym, skew = (h_DxD + h_DxD.T) / 2, (h_DxD - h_DxD.T) / 2
+    norm_h = np.linalg.norm(h_DxD)
+    a, b = interval
+    return {
+        "rel_error_symmetric": _rel(np.linalg.norm(h_DxD - h_sym_DxD), norm_h),
+        "skew_floor": _rel(np.linalg.norm(skew), norm_h),
+        "sym_fraction": _rel(np.linalg.norm(sym) ** 2, norm_h**2),
+        "skew_fraction": _rel(np.linalg.norm(skew) ** 2, norm_h**2),
+        "frac_clipped": float(np.mean((mu_D < a) | (mu_D > b))),
+        "sym_eig_min": float(mu_D.min()),
+        "sym_eig_max": float(mu_D.max()),
+    }
+
+
+def _spectral_parameters(q_DxD: np.ndarray, lam_D: np.ndarray, spectrum: Spectrum, alpha: float):
+    """(theta, psi_D), float32, that compose to q diag(lam) q^T: theta = Q (times sqrt(D) for
+    param_scale="unit"; QR is scale-free), psi the inverse of the eigenvalue map at lam."""
+    d = q_DxD.shape[0]
+    scale = 1.0 if spectrum.param_scale == "width" else math.sqrt(d)
+    psi = spectral.eigenvalues_inverse(jnp.asarray(lam_D, jnp.float32), spectrum, alpha)
+    q32 = jnp.asarray(q_DxD * scale, jnp.float32)
+    if spectrum.basis == "orthogonal":
+        theta: spectral.Theta = q32
+    else:  # V = Q(u) diag(sigma) Q(w)^T = Q with u = Q, w = I, s = 0 (sigma = 1)
+        theta = {"u": q32, "w": jnp.eye(d, dtype=jnp.float32) * scale, "s": jnp.zeros((d,), jnp.float32)}
+    return theta, psi
 
 
 def _refine(h, theta, psi, spectrum, alpha, steps, lr):
@@ -290,6 +320,55 @@ def _dc_term(b_v, w_o, b_o) -> np.ndarray | None:
     return dc if b_v is None else dc + np.asarray(b_v, np.float64) @ np.asarray(w_o, np.float64)
 
 
+def per_head_maps(w_v_DxD: np.ndarray, w_o_DxD: np.ndarray, n_heads: int) -> np.ndarray:
+    """The per-head value / output maps H_h = W_V[:, h] W_O[h, :] ([heads, D, D]; they sum to W_V W_O)."""
+    d = w_v_DxD.shape[0]
+    k = d // n_heads
+    return np.einsum("dhk,hke->hde", w_v_DxD.reshape(d, n_heads, k), w_o_DxD.reshape(n_heads, k, d))
+
+
+def spectral_params(theta: spectral.Theta, psi: Any, basis: str, dc: np.ndarray | None) -> dict:
+    """The value / output variables of a spectral attention layer (by name: theta[, theta_w, theta_s],
+    psi, and with a kept DC term b_v := 0, b_o := dc; else b_v, b_o are None)."""
+    new = {"psi": psi, "b_v": None if dc is None else np.zeros_like(dc), "b_o": dc}
+    if basis == "orthogonal":
+        new["theta"] = theta
+    else:
+        new.update(theta=theta["u"], theta_w=theta["w"], theta_s=theta["s"])
+    return new
+
+
+def _source_weights(layer: Any) -> dict:
+    """`_mha_weights` or `_own_weights` of a layer from_attention converts; anything else is refused."""
+    from jaxsmooth.nnx.layers import AttentionBase
+
+    if isinstance(layer, nnx.MultiHeadAttention):
+        return _mha_weights(layer)
+    if isinstance(layer, AttentionBase):
+        return _own_weights(layer)
+    raise ValueError(
+        "from_attention converts jaxsmooth.nnx.Attention / SpectralAttention or "
+        f"flax.nnx.MultiHeadAttention, got {type(layer).__name__}"
+    )
+
+
+def _set_weights(new: Any, layer: Any, src: dict, values: dict) -> None:
+    """Fill the new SpectralAttention: Q/K (and their biases) from the source's weights `src`, the value /
+    output variables `values` (`spectral_params`; None: left as built), the source's branch scales."""
+    put = lambda var, x: var.set_value(jnp.asarray(x, var.get_value().dtype))
+    put(new.w_q, src["w_q"])
+    put(new.w_k, src["w_k"])
+    if src["b_q"] is not None:
+        put(new.b_q, src["b_q"])
+        put(new.b_k, src["b_k"])
+    for name, value in values.items():
+        if value is not None:
+            put(getattr(new, name), value)
+    for name in ("attn_scale", "s_dc", "s_hc"):  # branch scales of a jaxsmooth source
+        if hasattr(layer, name) and hasattr(new, name):
+            put(getattr(new, name), np.asarray(getattr(layer, name)[...]))
+
+
 def from_attention(
     layer: Any,
     spectrum: Spectrum,
@@ -321,31 +400,21 @@ def from_attention(
     Returns:
       the new layer, or (layer, info) with return_info.
     """
-    from jaxsmooth.nnx.layers import AttentionBase, SpectralAttention
+    from jaxsmooth.nnx.layers import SpectralAttention
 
     spectrum = _check_spectrum(spectrum)
-    if isinstance(layer, nnx.MultiHeadAttention):
-        src = _mha_weights(layer)
-    elif isinstance(layer, AttentionBase):
-        src = _own_weights(layer)
-    else:
-        raise ValueError(
-            "from_attention converts jaxsmooth.nnx.Attention / SpectralAttention or "
-            f"flax.nnx.MultiHeadAttention, got {type(layer).__name__}"
-        )
+    src = _source_weights(layer)
     d, n_heads = layer.in_features, layer.num_heads
     dc = _dc_term(src["b_v"], src["w_o"], src["b_o"])
     if value_bias and dc is None:
         raise ValueError("value_bias=True keeps the source's value / output biases, but it has none")
     if (src["b_q"] is None) != (src["b_k"] is None):
         raise ValueError("the source has a bias on only one of the Q and K projections; not supported")
-    h = np.asarray(src["w_v"], np.float64) @ np.asarray(src["w_o"], np.float64)
-    k = d // n_heads
     w_v, w_o = np.asarray(src["w_v"], np.float64), np.asarray(src["w_o"], np.float64)
-    maps = np.einsum("dhk,hke->hde", w_v.reshape(d, n_heads, k), w_o.reshape(n_heads, k, d))
     theta, psi, info = nearest_spectral(
-        h, spectrum, alpha, head_maps=maps, assign=assign, refine_steps=refine_steps, refine_lr=refine_lr
-    )
+        w_v @ w_o, spectrum, alpha, head_maps=per_head_maps(w_v, w_o, n_heads), assign=assign,
+        refine_steps=refine_steps, refine_lr=refine_lr,
+    )  # fmt: skip
     new = SpectralAttention(
         n_heads, d, spectrum=spectrum, dtype=src["dtype"], param_dtype=src["param_dtype"],
         broadcast_dropout=layer.broadcast_dropout, dropout_rate=layer.dropout_rate,
@@ -353,25 +422,7 @@ def from_attention(
         rngs=rngs, value_bias=value_bias, alpha=alpha, branch_scale=src["branch_scale"],
         fast_backward=src["fast_backward"],
     )  # fmt: skip
-    put = lambda var, x: var.set_value(jnp.asarray(x, var.get_value().dtype))
-    put(new.w_q, src["w_q"])
-    put(new.w_k, src["w_k"])
-    if src["b_q"] is not None:
-        put(new.b_q, src["b_q"])
-        put(new.b_k, src["b_k"])
-    if spectrum.basis == "orthogonal":
-        put(new.theta, theta)
-    else:
-        put(new.theta, theta["u"])
-        put(new.theta_w, theta["w"])
-        put(new.theta_s, theta["s"])
-    put(new.psi, psi)
-    if value_bias:
-        put(new.b_v, np.zeros(d))
-        put(new.b_o, dc)
-    for name in ("attn_scale", "s_dc", "s_hc"):  # branch scales of a jaxsmooth source
-        if hasattr(layer, name) and hasattr(new, name):
-            put(getattr(new, name), np.asarray(getattr(layer, name)[...]))
+    _set_weights(new, layer, src, spectral_params(theta, psi, spectrum.basis, dc if value_bias else None))
     if not return_info:
         return new
     info["dc_norm"] = 0.0 if dc is None else float(np.linalg.norm(dc))
@@ -445,7 +496,6 @@ def convert_model(
     maps_LxHxDxD = np.asarray(per_layer(lambda a: a.head_maps()), np.float64)
     src_vo = per_layer(lambda a: a.value_output())
     new_model = _rebuild(model, dataclasses.replace(cfg, spectrum=spectrum, vo_bias=value_bias))
-
     new_layers, layers_info = [], []
     for i in range(cfg.depth):
         theta, psi, info = nearest_spectral(
@@ -455,24 +505,31 @@ def convert_model(
         b_v, b_o = (None if a is None else np.asarray(a[i]) for a in src_vo[2:])
         dc = _dc_term(b_v, np.asarray(src_vo[1][i]), b_o)
         info["dc_norm"] = 0.0 if dc is None else float(np.linalg.norm(dc))
-        new = {"psi": psi, "b_v": None if dc is None else np.zeros_like(dc), "b_o": dc}
-        if spectrum.basis == "orthogonal":
-            new["theta"] = theta
-        else:
-            new.update(theta=theta["u"], theta_w=theta["w"], theta_s=theta["s"])
-        new_layers.append(new)
+        new_layers.append(spectral_params(theta, psi, spectrum.basis, dc))
         layers_info.append(info)
+    converted, copied, replaced = _transplant(model, new_model, new_layers)
+    return converted, {"layers": layers_info, "copied": copied, "replaced": replaced}
 
-    def is_value_var(path):
-        return len(path) >= 2 and path[-2] == "attn" and path[-1] in SOURCE_VALUE_VARS
 
+def _is_value_var(path: tuple) -> bool:
+    return len(path) >= 2 and path[-2] == "attn" and path[-1] in SOURCE_VALUE_VARS
+
+
+def _transplant(model: Any, new_model: Any, new_layers: list[dict]) -> tuple[nnx.Module, list, list]:
+    """`new_model` (abstract) filled: its attention value / output variables stacked from `new_layers`
+    (one `spectral_params` dict per layer), every other variable copied from `model`. A variable with no
+    source, a shape mismatch, or a source variable left unused raises ValueError.
+
+    Returns:
+      (the converted model, paths copied, paths replaced); paths as "a/b/c".
+    """
     src_flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
     graphdef, state = nnx.split(new_model)
     copied, replaced = [], []
     for path, var in nnx.to_flat_state(state):
         path = tuple(path)
         want = var.get_value()
-        if is_value_var(path):
+        if _is_value_var(path):
             value = np.stack([np.asarray(layer[path[-1]]) for layer in new_layers])
             replaced.append("/".join(map(str, path)))
         elif path in src_flat:
@@ -483,10 +540,10 @@ def convert_model(
         if tuple(value.shape) != tuple(want.shape):
             raise ValueError(f"variable {path}: source shape {value.shape}, converted model {want.shape}")
         var.set_value(jnp.asarray(value, want.dtype))
-    unused = [p for p in src_flat if not is_value_var(p) and "/".join(map(str, p)) not in copied]
+    unused = [p for p in src_flat if not _is_value_var(p) and "/".join(map(str, p)) not in copied]
     if unused:
         raise ValueError(f"source variables {unused} have no place in the converted model")
-    return nnx.merge(graphdef, state), {"layers": layers_info, "copied": copied, "replaced": replaced}
+    return nnx.merge(graphdef, state), copied, replaced
 
 
 def convert_bert(
@@ -663,25 +720,18 @@ def _convert_bert_dir(src: Path | None, out: Path, spectrum: Spectrum, **kw) -> 
 
 def _convert_run_dir(src: Path, out: Path, spectrum: Spectrum, step: int | None, **kw) -> list[dict]:
     """A converted copy of a jaxsmooth run: config.json with the new spectrum, one checkpoint."""
-    from jaxsmooth import train
     from jaxsmooth.train import checkpoint, optim
+    from jaxsmooth.train.state import load_run, new_state
 
-    run = train.load_run(src, step)
+    run = load_run(src, step)
     model, report = convert_model(run.model, spectrum, **kw)
     config = run.config
     config.model.spectrum = dataclasses.asdict(spectrum)
     config.model.vo_bias = bool(kw.get("value_bias", False))
     params = nnx.state(model, nnx.Param)
-    pure = nnx.to_pure_dict(params)
     tx = optim.make_optimizer(config.opt, params)
-    # The trainer's state layout (jaxsmooth.train._setup): a fresh optimiser state at the source's step.
-    state = {
-        "params": pure,
-        "opt_state": tx.init(pure),
-        "step": jnp.asarray(run.step, jnp.int32),
-        "rng": jax.random.PRNGKey(config.train.seed + 1),
-        "bad_step": jnp.full((), -1, jnp.int32),
-    }
+    # The trainer's state: a fresh optimiser state at the source's step.
+    state = new_state(nnx.to_pure_dict(params), tx, seed=config.train.seed, step=run.step)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     ckpt = checkpoint.Checkpoints(out, max_to_keep=None)
