@@ -3,8 +3,9 @@ the
 CLI, and clear errors for unusable paths.
 
 Run directories are built here exactly as `jaxsmooth train` lays them out (config.json from the packaged
-config, an Orbax checkpoint of the state dict {"params", ...} through jaxsmooth.train.checkpoint), but with
-random parameters: a real training run takes ~30 s to compile on 2 CPU cores, too slow here.
+config, an Orbax checkpoint of the train state `jaxsmooth.train.state.new_state` builds, through
+jaxsmooth.train.checkpoint), but with random parameters: a real training run takes ~30 s to compile on 2
+CPU cores, too slow here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from jaxsmooth import data as data_lib
 from jaxsmooth.config import ModelConfig
 from jaxsmooth.tools import audit, bert, cli
 from jaxsmooth.tools.audit import plots as audit_plots
+from jaxsmooth.train import optim
 from jaxsmooth.train.checkpoint import Checkpoints
+from jaxsmooth.train.state import new_state
 
 HAVE_MINILM = importlib.util.find_spec(bert.MINILM_MODULE) is not None
 needs_minilm = pytest.mark.skipif(
@@ -44,14 +47,19 @@ def packaged_config(spec: str):
     return configs.load(spec)
 
 
-def random_params(config, seed: int = 0) -> dict:
-    """Random normal leaves (std 0.3) of the model's abstract parameter shapes, as a pure dict."""
+def abstract_params(config) -> nnx.State:
+    """The model's parameters, abstract (shapes and dtypes only), typed."""
     mcfg = ModelConfig.from_dict(config.model.to_dict())
     ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
     make = lambda: train.build_model(mcfg, ds, config, nnx.Rngs(params=config.train.seed))
+    return nnx.split(nnx.eval_shape(make), nnx.Param, ...)[1]
+
+
+def random_params(config, seed: int = 0) -> dict:
+    """Random normal leaves (std 0.3) of the model's abstract parameter shapes, as a pure dict."""
     # Arbitrary parameter values (the spectral constraint holds for any): random normal leaves of the
     # model's abstract shapes. Initialising the real model costs 5-10 s of compilation on 2 CPU cores.
-    abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make), nnx.Param, ...)[1])
+    abstract = nnx.to_pure_dict(abstract_params(config))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.3, a.shape), a.dtype), abstract)
 
@@ -61,7 +69,8 @@ def make_run(workdir: pathlib.Path, config, step: int = 3, seed: int = 0, params
     params = random_params(config, seed) if params is None else params
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    state = {"params": params, "step": jnp.int32(step), "bad_step": jnp.int32(-1)}
+    tx = optim.make_optimizer(config.opt, abstract_params(config))
+    state = new_state(params, tx, seed=config.train.seed, step=step)
     ckpt = Checkpoints(workdir, max_to_keep=2)
     ckpt.save(step, state)
     ckpt.close()

@@ -1,5 +1,6 @@
-"""Loading what the audit needs: jaxsmooth runs (config.json + Orbax checkpoints), Hugging Face BERT
-directories, the installed all-MiniLM-L6-v2, and their inputs (texts, images, character windows).
+"""Loading what the audit needs: jaxsmooth runs (config.json + Orbax checkpoints, through the one run loader
+`jaxsmooth.train.load_run`), Hugging Face BERT directories, the installed all-MiniLM-L6-v2, and their
+inputs (texts, images, character windows).
 
 Every loader returns a `LoadedModel`; unusable paths, checkpoints and inputs raise `AuditError` with a
 message naming the problem.
@@ -64,8 +65,9 @@ class AuditError(ValueError):
 class LoadedModel:
     """What the audit needs from any model, whatever its origin.
 
-    ``measure(inputs) -> (stats {name: [L+1]}, att [L, H, T, T] batch-averaged, info dict)``. The loaders
-    build ``inputs`` before reading any weights, so bad inputs fail fast.
+    ``measure(inputs) -> (stats {name: [L+1]}, att [L, H, T, T] batch-averaged, info dict)``. The BERT
+    loader builds ``inputs`` before reading any weights, so bad inputs fail fast; a run's are built from
+    the model `jaxsmooth.train.load_run` restores (its weights are small).
     """
 
     kind: str  # "bert" | "vit" | "causal_lm"
@@ -155,7 +157,6 @@ def load_model(
 
 
 def _load_bert(directory: pathlib.Path, max_len: int, want: tuple, name: str | None = None) -> LoadedModel:
-    from jaxsmooth import metrics
     from jaxsmooth.tools import bert
 
     directory = pathlib.Path(directory)
@@ -169,17 +170,7 @@ def _load_bert(directory: pathlib.Path, max_len: int, want: tuple, name: str | N
             f"{bert.TOKENIZER_FILE} next to its config.json"
         )
     inputs = _bert_inputs(*want)
-    try:
-        cfg, params = bert.load_bert(directory)
-    except (ValueError, FileNotFoundError) as e:  # BertCheckpointError, bad config
-        raise AuditError(f"cannot load the BERT model in {directory}: {e}") from e
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type on a damaged file
-        raise AuditError(f"cannot read {weights} (damaged or not a safetensors file?): {e}") from e
-    try:
-        tokenizer = bert.load_tokenizer(directory)
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
-        raise AuditError(f"cannot read {directory / bert.TOKENIZER_FILE}: {e}") from e
-
+    cfg, params, tokenizer = _read_bert(directory)
     w_v, w_o = bert.value_output_matrices(params, cfg)
     gains = {k: np.asarray(v, np.float64) for k, v in bert.ln_gains(params).items()}
     n_layers = cfg.num_hidden_layers
@@ -188,10 +179,63 @@ def _load_bert(directory: pathlib.Path, max_len: int, want: tuple, name: str | N
         {"attention.output.LayerNorm": gains["attn"][l], "output.LayerNorm": gains["ffn"][l]}
         for l in range(n_layers)
     ]
+    max_len = min(max_len, cfg.max_position_embeddings)
+    info = {
+        "kind": "bert",
+        "name": name or directory.name,
+        "path": str(directory),
+        "residual": "post_ln",
+        "num_layers": n_layers,
+        "d_model": cfg.hidden_size,
+        "num_heads": cfg.num_attention_heads,
+        "mlp_dim": cfg.intermediate_size,
+        "hidden_act": cfg.hidden_act,
+        "alpha": 1.0,
+        "value_norm": None,
+    }
+    return LoadedModel(
+        kind="bert",
+        info=info,
+        w_v_LxDxD=np.asarray(w_v, np.float64),
+        w_o_LxDxD=np.asarray(w_o, np.float64),
+        gain_LxD=gains["pre_attention"],
+        gain_sources=sources,
+        other_gains=other,
+        num_heads=cfg.num_attention_heads,
+        alpha=1.0,
+        residual="post_ln",
+        value_norm="rms",  # ignored for post-LN: the branch reads the residual stream itself
+        inputs=inputs,
+        measure=_bert_measure(params, cfg, tokenizer, max_len),
+    )
+
+
+def _read_bert(directory: pathlib.Path) -> tuple[Any, dict, Any]:
+    """(BertConfig, params, tokenizer) of a BERT directory; a bad config, damaged weights or tokenizer as
+    AuditError naming the file."""
+    from jaxsmooth.tools import bert
+
+    try:
+        cfg, params = bert.load_bert(directory)
+    except (ValueError, FileNotFoundError) as e:  # BertCheckpointError, bad config
+        raise AuditError(f"cannot load the BERT model in {directory}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type on a damaged file
+        raise AuditError(
+            f"cannot read {directory / bert.WEIGHTS_FILE} (damaged or not a safetensors file?): {e}"
+        ) from e
+    try:
+        tokenizer = bert.load_tokenizer(directory)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+        raise AuditError(f"cannot read {directory / bert.TOKENIZER_FILE}: {e}") from e
+    return cfg, params, tokenizer
+
+
+def _bert_measure(params: dict, cfg: Any, tokenizer: Any, max_len: int) -> Callable:
+    """`LoadedModel.measure` of a BERT model: texts -> (per-layer stats, attention, info)."""
+    from jaxsmooth import metrics
+    from jaxsmooth.tools import bert
 
     stats_fn = jax.jit(jax.vmap(lambda h, m: metrics.layer_stats(h, m, full=True), in_axes=(0, None)))
-
-    max_len = min(max_len, cfg.max_position_embeddings)
 
     def measure(texts):
         enc = bert.encode(tokenizer, texts, max_len=max_len)
@@ -227,34 +271,7 @@ def _load_bert(directory: pathlib.Path, max_len: int, want: tuple, name: str | N
         att_LxHxTxT = np.asarray(jnp.mean(att, axis=1), np.float64)
         return stats, att_LxHxTxT, {"inputs": info, "prediction_inputs": pred_info}
 
-    info = {
-        "kind": "bert",
-        "name": name or directory.name,
-        "path": str(directory),
-        "residual": "post_ln",
-        "num_layers": n_layers,
-        "d_model": cfg.hidden_size,
-        "num_heads": cfg.num_attention_heads,
-        "mlp_dim": cfg.intermediate_size,
-        "hidden_act": cfg.hidden_act,
-        "alpha": 1.0,
-        "value_norm": None,
-    }
-    return LoadedModel(
-        kind="bert",
-        info=info,
-        w_v_LxDxD=np.asarray(w_v, np.float64),
-        w_o_LxDxD=np.asarray(w_o, np.float64),
-        gain_LxD=gains["pre_attention"],
-        gain_sources=sources,
-        other_gains=other,
-        num_heads=cfg.num_attention_heads,
-        alpha=1.0,
-        residual="post_ln",
-        value_norm="rms",  # ignored for post-LN: the branch reads the residual stream itself
-        inputs=inputs,
-        measure=measure,
-    )
+    return measure
 
 
 def _bert_inputs(texts, data, num_inputs) -> list[str]:
@@ -295,105 +312,34 @@ def restore_params(run_dir: pathlib.Path, abstract_params: Any, step: int | None
         raise AuditError(f"{e} (pass --step to audit another step)") from e
 
 
+# How a run whose config predates model.value_norm is audited (its pre-LN value path read LN1(x)).
+LEGACY_VALUE_NORM_NOTE = (
+    "config.json predates model.value_norm; audited as 'ln' (LN1(x) in the value path), as such runs were "
+    "trained"
+)
+
+
 def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedModel:
-    import ml_collections
-
-    from jaxsmooth import data as data_lib
-    from jaxsmooth import train
-    from jaxsmooth.config import ModelConfig
-
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise AuditError(f"{run_dir} has no config.json, so the model cannot be rebuilt")
     raw = _read_json(cfg_path)
     if not _is_run_config(raw):
         raise AuditError(f"{cfg_path} is not a jaxsmooth run config (no 'model' and 'data' sections)")
-    config = ml_collections.ConfigDict(raw)
-    model_dict = config.model.to_dict()
     # A pre-LN run written before ModelConfig.value_norm existed has no such key, and its value path read
     # LN1(x): rebuilding it with today's default ("rms") would audit a different model.
-    legacy_value_norm = "value_norm" not in model_dict and model_dict.get("residual", "pre_ln") == "pre_ln"
-    if legacy_value_norm:
-        model_dict["value_norm"] = "ln"
-    try:
-        mcfg = ModelConfig.from_dict(model_dict)
-    except (ValueError, TypeError) as e:
-        raise AuditError(f"{cfg_path}: bad model config: {e}") from e
-    d = config.data
-    try:
-        ds = data_lib.load(d.name, **d.kwargs.to_dict())
-    except data_lib.DataNotFoundError as e:
-        raise AuditError(f"the run's dataset {d.name!r} is needed to rebuild the model: {e}") from e
-
-    make = lambda: train.build_model(mcfg, ds, config, nnx.Rngs(params=0))
-    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-    model = nnx.merge(graphdef, params, rest)  # abstract: shapes only, until the restore below
-    kind = "causal_lm" if ds.kind == "text" else "vit"
-    n_layers, width = mcfg.depth, mcfg.d_model
-    spectral = mcfg.spectrum is not None
-
-    def make_inputs(texts, data, num_inputs):
-        n = num_inputs or DEFAULT_NUM_INPUTS[kind]
-        if kind == "vit":
-            if texts:
-                raise AuditError("this run is a ViT: it audits images (--data NAME), not --text")
-            src = ds if data is None else _dataset(data, d, "image")
-            x = np.asarray(src.x_test[:n], np.float32)
-            if x.shape[1:] != tuple(model.image_shape):
-                raise AuditError(
-                    f"--data {data}: images of shape {x.shape[1:]}, the model takes {model.image_shape}"
-                )
-            return x, {
-                "kind": "images",
-                "source": f"{src.name} test split, first {len(x)}",
-                "num_inputs": int(len(x)),
-                "seq_len": int(model.num_patches + 1),
-            }
-        texts = list(texts or [])
-        if data is not None:
-            if pathlib.Path(data).is_file():
-                texts += _read_text_lines(data)
-            else:
-                src = _dataset(data, d, "text")
-                if src.vocab != ds.vocab:
-                    raise AuditError(f"--data {data}: its vocabulary differs from the run's {ds.name!r}")
-                return _windows(src, n, model.max_len)
-        if not texts:
-            return _windows(ds, n, model.max_len)
-        texts = texts[:n]
-        try:
-            ids = [ds.encode(t)[: model.max_len] for t in texts]
-        except ValueError as e:
-            raise AuditError(f"--text: {e}") from e
-        t = min(len(i) for i in ids)
-        if t < 2:
-            raise AuditError("every --text needs at least 2 characters")
-        x = np.stack([i[:t] for i in ids]).astype(np.int32)
-        return x, {
-            "kind": "characters",
-            "source": "--text (each truncated to the shortest)",
-            "texts": texts,
-            "num_inputs": len(texts),
-            "seq_len": t,
-        }
-
-    inputs = make_inputs(*want)
-    step, pure = restore_params(run_dir, nnx.to_pure_dict(params), step)
-    nnx.replace_by_pure_dict(params, pure)
-
+    legacy_value_norm = _predates_value_norm(raw["model"])
+    run = _restore_run(run_dir, step, raw)
+    if legacy_value_norm and run.model_config.value_norm != "ln":
+        run = _with_value_norm(run, "ln")
+    mcfg, model = run.model_config, run.model
+    kind = "causal_lm" if run.dataset.kind == "text" else "vit"
+    inputs = _run_inputs(*want, kind=kind, ds=run.dataset, run_data=run.config.data, model=model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # One compiled program instead of many eager ops (eager QR under vmap alone took seconds).
+    spectral = mcfg.spectrum is not None
     wts = jax.tree.map(lambda a: np.asarray(a, np.float64), _run_weights(graphdef, spectral, params, rest))
-    gains_Lx2xD = wts["gains"]  # (ln1, ln2) effective gains per block
-    alpha = float(mcfg.alpha_beta[0])
-    if mcfg.residual == "pre_ln":
-        # x + Attn(LN1(x)): V reads LN1(x) (value_norm "ln", gain folded) or x / rms(x) ("rms": only Q, K
-        # read LN1, and the gain is not folded).
-        gain_LxD = gains_Lx2xD[:, 0]
-        sources = [f"layer {l + 1} ln1" for l in range(n_layers)]
-    else:  # post_ln / deepnorm: the branch reads the previous block's LN2 output (the raw embedding first)
-        gain_LxD = np.concatenate([np.ones((1, width)), gains_Lx2xD[:-1, 1]], axis=0)
-        sources = ["none (embedding)"] + [f"layer {l} ln2" for l in range(1, n_layers)]
-    other = [{"ln1": gains_Lx2xD[l, 0], "ln2": gains_Lx2xD[l, 1]} for l in range(n_layers)]
+    gain_LxD, sources, other = attention_gains(wts["gains"], mcfg.residual)
 
     def measure(inputs):
         x, info = inputs
@@ -407,29 +353,9 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
             {"inputs": info, "prediction_inputs": {"seq_len": int(x.shape[1]), "truncated": False}},
         )
 
-    info = {
-        "kind": kind,
-        "name": config.get("name", run_dir.name),
-        "path": str(run_dir),
-        "step": step,
-        "dataset": d.name,
-        "residual": mcfg.residual,
-        "num_layers": n_layers,
-        "d_model": width,
-        "num_heads": mcfg.num_heads,
-        "mlp_dim": mcfg.mlp_dim,
-        "spectrum": dataclasses.asdict(mcfg.spectrum) if spectral else None,
-        "constraint_interval": list(mcfg.spectrum.closed_interval(alpha)) if spectral else None,
-        "ln_gain": mcfg.ln_gain,
-        "branch_scale": mcfg.branch_scale,
-        "alpha": alpha,
-        "value_norm": mcfg.value_norm if mcfg.residual == "pre_ln" else None,
-    }
+    info = _run_info(run, run_dir, kind)
     if legacy_value_norm:
-        info["value_norm_note"] = (
-            "config.json predates model.value_norm; audited as 'ln' (LN1(x) in the value path), as such "
-            "runs were trained"
-        )
+        info["value_norm_note"] = LEGACY_VALUE_NORM_NOTE
     return LoadedModel(
         kind=kind,
         info=info,
@@ -439,13 +365,156 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
         gain_sources=sources,
         other_gains=other,
         num_heads=mcfg.num_heads,
-        alpha=alpha,
+        alpha=info["alpha"],
         residual=mcfg.residual,
         value_norm=mcfg.value_norm,
         inputs=inputs,
         measure=measure,
         exact_eigs_LxD=wts.get("eigs"),
     )
+
+
+def _predates_value_norm(model: dict) -> bool:
+    """Whether a saved model section is a pre-LN one written before `model.value_norm` existed."""
+    return "value_norm" not in model and model.get("residual", "pre_ln") == "pre_ln"
+
+
+def _restore_run(run_dir: pathlib.Path, step: int | None, raw: dict):
+    """`jaxsmooth.train.load_run` (the model rebuilt from the config saved with the checkpoint, its
+    parameters restored), with every failure as an AuditError naming the problem. `raw`: the run's
+    config.json, checked here first so that a bad model section is named as such."""
+    from jaxsmooth import data as data_lib
+    from jaxsmooth.config import ModelConfig
+    from jaxsmooth.train import checkpoint, load_run
+
+    model = dict(raw["model"])
+    if _predates_value_norm(model):
+        model["value_norm"] = "ln"
+    try:
+        ModelConfig.from_dict(model)
+    except (ValueError, TypeError) as e:
+        raise AuditError(f"{run_dir / 'config.json'}: bad model config: {e}") from e
+    try:
+        return load_run(run_dir, step)
+    except checkpoint.CheckpointError as e:
+        raise AuditError(f"{e} (pass --step to audit another step)") from e
+    except data_lib.DataNotFoundError as e:
+        name = raw["data"].get("name")
+        raise AuditError(f"the run's dataset {name!r} is needed to rebuild the model: {e}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError) as e:  # a damaged config
+        raise AuditError(f"cannot rebuild the model of {run_dir}: {type(e).__name__}: {e}") from e
+
+
+def _with_value_norm(run, value_norm: str):
+    """The LoadedRun with its model rebuilt for another value path (the same parameters: value_norm adds
+    or removes none)."""
+    from jaxsmooth import train
+
+    mcfg = dataclasses.replace(run.model_config, value_norm=value_norm)
+    make = lambda: train.build_model(mcfg, run.dataset, run.config, nnx.Rngs(params=0))
+    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, nnx.to_pure_dict(nnx.state(run.model, nnx.Param)))
+    return dataclasses.replace(run, model_config=mcfg, model=nnx.merge(graphdef, params, rest))
+
+
+def attention_gains(gains_Lx2xD: np.ndarray, residual: str) -> tuple[np.ndarray, list[str], list[dict]]:
+    """The LayerNorm gain each attention branch reads, what it comes from, and every layer's gains.
+
+    Args:
+      gains_Lx2xD: the effective (ln1, ln2) gains of every block.
+      residual: "pre_ln" | "post_ln" | "deepnorm".
+    Returns:
+      (gain_LxD, sources, other): pre-LN, x + Attn(LN1(x)): V reads LN1(x) (value_norm "ln", gain folded)
+      or x / rms(x) ("rms": only Q, K read LN1, and the gain is not folded), so LN1's gain; post-LN and
+      DeepNorm: the branch reads the previous block's LN2 output (the raw embedding first, gain ones);
+      other: per layer {"ln1": gain_D, "ln2": gain_D}.
+    """
+    n_layers, _, width = gains_Lx2xD.shape
+    if residual == "pre_ln":
+        gain_LxD = gains_Lx2xD[:, 0]
+        sources = [f"layer {l + 1} ln1" for l in range(n_layers)]
+    else:
+        gain_LxD = np.concatenate([np.ones((1, width)), gains_Lx2xD[:-1, 1]], axis=0)
+        sources = ["none (embedding)"] + [f"layer {l} ln2" for l in range(1, n_layers)]
+    other = [{"ln1": gains_Lx2xD[l, 0], "ln2": gains_Lx2xD[l, 1]} for l in range(n_layers)]
+    return gain_LxD, sources, other
+
+
+def _run_info(run, run_dir: pathlib.Path, kind: str) -> dict:
+    """`LoadedModel.info` of a jaxsmooth run."""
+    mcfg = run.model_config
+    spectral = mcfg.spectrum is not None
+    alpha = float(mcfg.alpha_beta[0])
+    return {
+        "kind": kind,
+        "name": run.config.get("name", run_dir.name),
+        "path": str(run_dir),
+        "step": run.step,
+        "dataset": run.config.data.name,
+        "residual": mcfg.residual,
+        "num_layers": mcfg.depth,
+        "d_model": mcfg.d_model,
+        "num_heads": mcfg.num_heads,
+        "mlp_dim": mcfg.mlp_dim,
+        "spectrum": dataclasses.asdict(mcfg.spectrum) if spectral else None,
+        "constraint_interval": list(mcfg.spectrum.closed_interval(alpha)) if spectral else None,
+        "ln_gain": mcfg.ln_gain,
+        "branch_scale": mcfg.branch_scale,
+        "alpha": alpha,
+        "value_norm": mcfg.value_norm if mcfg.residual == "pre_ln" else None,
+    }
+
+
+def _run_inputs(texts, data, num_inputs, *, kind: str, ds, run_data, model) -> tuple[np.ndarray, dict]:
+    """(x, info) the audit feeds a run's model: test images of the run's (or --data's) dataset for a
+    ViT; for a character LM --text strings, a text file's lines or windows of a text dataset."""
+    n = num_inputs or DEFAULT_NUM_INPUTS[kind]
+    if kind == "vit":
+        if texts:
+            raise AuditError("this run is a ViT: it audits images (--data NAME), not --text")
+        src = ds if data is None else _dataset(data, run_data, "image")
+        x = np.asarray(src.x_test[:n], np.float32)
+        if x.shape[1:] != tuple(model.image_shape):
+            raise AuditError(
+                f"--data {data}: images of shape {x.shape[1:]}, the model takes {model.image_shape}"
+            )
+        return x, {
+            "kind": "images",
+            "source": f"{src.name} test split, first {len(x)}",
+            "num_inputs": int(len(x)),
+            "seq_len": int(model.num_patches + 1),
+        }
+    texts = list(texts or [])
+    if data is not None:
+        if pathlib.Path(data).is_file():
+            texts += _read_text_lines(data)
+        else:
+            src = _dataset(data, run_data, "text")
+            if src.vocab != ds.vocab:
+                raise AuditError(f"--data {data}: its vocabulary differs from the run's {ds.name!r}")
+            return _windows(src, n, model.max_len)
+    if not texts:
+        return _windows(ds, n, model.max_len)
+    return _text_inputs(texts[:n], ds, model.max_len)
+
+
+def _text_inputs(texts: list[str], ds, max_len: int) -> tuple[np.ndarray, dict]:
+    """--text strings as character ids, each truncated to the shortest (and to max_len)."""
+    try:
+        ids = [ds.encode(t)[:max_len] for t in texts]
+    except ValueError as e:
+        raise AuditError(f"--text: {e}") from e
+    t = min(len(i) for i in ids)
+    if t < 2:
+        raise AuditError("every --text needs at least 2 characters")
+    x = np.stack([i[:t] for i in ids]).astype(np.int32)
+    return x, {
+        "kind": "characters",
+        "source": "--text (each truncated to the shortest)",
+        "texts": texts,
+        "num_inputs": len(texts),
+        "seq_len": t,
+    }
 
 
 # Module-level jits with the (hashable) GraphDef static: auditing the same kind of model again reuses the
