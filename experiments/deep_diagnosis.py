@@ -5,9 +5,10 @@ what one optimiser step does to it.
         --every 10 --out experiments/results/deep/none_d1000.json [--set opt.lr=3e-4 ...]
         [--freeze ln_bias,ln_gain] [--group-lr ln_bias=0.1]
 
-Everything runs through the library: the config is `jaxsmooth/configs/deep1000.py` (with `--arg` and `--set`
-overrides), the model `jaxsmooth.train.build_model`, the optimiser `jaxsmooth.train.optim.make_optimizer`, the
-step `jaxsmooth.train.make_train_step` and the batches `jaxsmooth.data.Batcher`, so the loss curve is the
+Everything runs through the library: the config is the packaged `deep1000` (jaxsmooth/configs/deep1000.py,
+with `--arg` and `--set` overrides), the model `jaxsmooth.train.build_model`, the optimiser
+`jaxsmooth.train.optim.make_optimizer`, the train state `jaxsmooth.train.state.new_state`, the step
+`jaxsmooth.train.make_train_step` and the batches `jaxsmooth.data.Batcher`, so the loss curve is the
 trainer's. At every `--every`-th step (before the update) a second jitted function takes the same batch,
 gradients and optax update, and records:
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import math
 import shlex
@@ -45,11 +45,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxsmooth import configs, train
 from jaxsmooth import data as data_lib
-from jaxsmooth import train
 from jaxsmooth.train import optim
+from jaxsmooth.train.state import new_state
 
-ROOT = Path(__file__).resolve().parent.parent
 # Parameter groups: name -> predicate on the parameter path (a tuple of keys of the pure-dict params).
 GROUPS = {
     "qk": lambda p: p[-1] in ("w_q", "w_k", "b_q", "b_k"),
@@ -67,23 +67,9 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 
 def load_config(arg: str, sets: list[str]):
-    """jaxsmooth/configs/deep1000.py (this checkout's) with `arg`, then `--set section.field=value` overrides.
-
-    The config imports `jaxsmooth.configs._common`, which an editable install may map to another
-    checkout's configs/; this checkout's _common.py is registered under that name first, so the config
-    always matches the library it runs with."""
-    common_spec = importlib.util.spec_from_file_location(
-        "jaxsmooth.configs._common", ROOT / "configs" / "_common.py"
-    )
-    common = importlib.util.module_from_spec(common_spec)
-    common_spec.loader.exec_module(common)
-    sys.modules["jaxsmooth.configs._common"] = common
-    if "jaxsmooth.configs" in sys.modules:
-        sys.modules["jaxsmooth.configs"]._common = common
-    spec = importlib.util.spec_from_file_location("deep1000_cfg", ROOT / "configs" / "deep1000.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config(arg)
+    """The packaged `deep1000` config (jaxsmooth/configs/deep1000.py) with `arg`, then `--set
+    section.field=value` overrides (values read as Python literals, else as strings)."""
+    cfg = configs.load(f"deep1000:{arg}" if arg else "deep1000")
     for s in sets:
         key, _, text = s.partition("=")
         try:
@@ -156,19 +142,24 @@ def wrap_optimizer(tx, groups: dict, freeze: set[str], scale: dict[str, float]):
     ))  # fmt: skip
 
 
+def sqnorm_by_group_and_layer(tree, groups, depth: int) -> tuple[dict, dict]:
+    """({group: sum of squares}, {group: [depth] sums of squares per layer}) of a params-shaped tree;
+    float32. Leaves outside the layer stack count in the totals only."""
+    names = sorted(set(jax.tree.leaves(groups)))
+    tot = {g: jnp.zeros(()) for g in names}
+    lay = {g: jnp.zeros((depth,)) for g in names}
+    for (path, a), g in zip(_leaves_with_paths(tree), jax.tree.leaves(groups), strict=True):
+        a32 = a.astype(jnp.float32)
+        tot[g] = tot[g] + jnp.sum(jnp.square(a32))
+        if _stacked(path):
+            lay[g] = lay[g] + jnp.sum(jnp.square(a32).reshape(depth, -1), axis=1)
+    return tot, lay
+
+
 def make_diagnostics(graphdef, tx, loss_fn_params, groups, depth: int, clip_norm: float, spectral: bool):
     """jitted (params, opt_state, x, y, xp) -> dict of device arrays (see the module docstring)."""
     names = sorted(set(jax.tree.leaves(groups)))
-
-    def sqnorm_by_group(tree, per_layer: bool):
-        tot = {g: jnp.zeros(()) for g in names}
-        lay = {g: jnp.zeros((depth,)) for g in names}
-        for (path, a), g in zip(_leaves_with_paths(tree), jax.tree.leaves(groups), strict=True):
-            a32 = a.astype(jnp.float32)
-            tot[g] = tot[g] + jnp.sum(jnp.square(a32))
-            if per_layer and _stacked(path):
-                lay[g] = lay[g] + jnp.sum(jnp.square(a32).reshape(depth, -1), axis=1)
-        return tot, lay
+    sqnorm_by_group = lambda tree: sqnorm_by_group_and_layer(tree, groups, depth)
 
     def stack_features(model, xp):
         """The transformer's output [B, T, D] on the probe batch (what the head reads at [CLS])."""
@@ -197,9 +188,9 @@ def make_diagnostics(graphdef, tx, loss_fn_params, groups, depth: int, clip_norm
         gnorm = optax.tree.norm(grads)
         updates, _ = tx.update(grads, opt_state, params)
         new = optax.apply_updates(params, updates)
-        g_tot, g_lay = sqnorm_by_group(grads, True)
-        u_tot, u_lay = sqnorm_by_group(updates, True)
-        p_tot, p_lay = sqnorm_by_group(params, True)
+        g_tot, g_lay = sqnorm_by_group(grads)
+        u_tot, u_lay = sqnorm_by_group(updates)
+        p_tot, p_lay = sqnorm_by_group(params)
         out = {
             "loss": loss,
             "grad_norm": gnorm,
@@ -277,7 +268,7 @@ def host_record(step: int, m: dict, stride: int, alpha: float) -> dict:
     return rec
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arg", default="", help="jaxsmooth/configs/deep1000.py args, e.g. mode=none,depth=100")
     ap.add_argument("--set", action="append", default=[], help="section.field=value override")
@@ -288,8 +279,21 @@ def main(argv=None):
     ap.add_argument("--group-lr", default="", help="comma-separated group=factor update multipliers")
     ap.add_argument("--eval-every", type=int, default=0, help="test accuracy every N steps (0: at the end)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _group_changes(args) -> tuple[set[str], dict[str, float]]:
+    """(--freeze groups, --group-lr factors), checked against GROUPS."""
+    freeze = {g for g in args.freeze.split(",") if g}
+    scale = {k: float(v) for k, v in (kv.split("=") for kv in args.group_lr.split(",") if kv)}
+    for g in freeze | set(scale):
+        if g not in GROUPS:
+            raise SystemExit(f"unknown group {g!r}; groups: {', '.join(GROUPS)}")
+    return freeze, scale
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     command = "PYTHONPATH=$PWD python " + shlex.join(
         ["experiments/deep_diagnosis.py", *(argv or sys.argv[1:])]
@@ -298,19 +302,14 @@ def main(argv=None):
     mcfg = train.check_config(cfg)
     d = cfg.data
     ds = data_lib.prepare(data_lib.load(d.name, **d.kwargs.to_dict()), d.train_fraction, d.seed)
-    batcher = data_lib.Batcher(ds, d.batch_size, d.seed)
     model = train.build_model(mcfg, ds, cfg, nnx.Rngs(params=cfg.train.seed))
     graphdef, pstate, _ = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(pstate)
     groups = group_tree(params)
-    freeze = {g for g in args.freeze.split(",") if g}
-    scale = {k: float(v) for k, v in (kv.split("=") for kv in args.group_lr.split(",") if kv)}
-    for g in freeze | set(scale):
-        if g not in GROUPS:
-            raise SystemExit(f"unknown group {g!r}; groups: {', '.join(GROUPS)}")
+    freeze, scale = _group_changes(args)
     tx = wrap_optimizer(optim.make_optimizer(cfg.opt, pstate), groups, freeze, scale)
-    schedule = optim.make_schedule(cfg.opt)
     spectral = mcfg.spectrum is not None
+    schedule = optim.make_schedule(cfg.opt)
     step_fn = jax.jit(train.make_train_step(graphdef, tx, schedule, dropout=False, with_stats=False,
                                             spectral=spectral), donate_argnums=0)  # fmt: skip
 
@@ -327,11 +326,46 @@ def main(argv=None):
             n += nv
         return correct / n
 
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.PRNGKey(1), "bad_step": jnp.full((), -1, jnp.int32)}  # fmt: skip
-    xp = ds.x_test[: args.probe]
     alpha, beta = mcfg.alpha_beta
     stride = max(1, mcfg.depth // 10)
+    state = new_state(params, tx, seed=cfg.train.seed)
+    batcher = data_lib.Batcher(ds, d.batch_size, d.seed)
+    xp = ds.x_test[: args.probe]
+    state, trace = _train(args, command, state, step_fn, diag, batcher, xp, stride, alpha, test_accuracy)
+    acc = test_accuracy(state["params"])
+    losses = trace["loss"]
+    out = {
+        "command": command,
+        "config_arg": args.arg,
+        "overrides": args.set,
+        "freeze": sorted(freeze),
+        "group_lr": scale,
+        "depth": mcfg.depth,
+        "mode": "none" if not spectral else mcfg.spectrum.mode,
+        "alpha": alpha,
+        "beta": beta,
+        "opt": cfg.opt.to_dict(),
+        "layers_every": stride,
+        "quantiles": QUANTILES,
+        "loss": [round(v, 4) for v in losses],
+        **{k: trace[k] for k in ("grad_norm", "lr", "records", "evals")},
+        "test_accuracy": acc,
+        "loss_mean_last20": float(np.mean(losses[-20:])),
+        "any_nonfinite": not all(math.isfinite(v) for v in losses),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "train_s": trace["train_s"],
+    }
+    print(f"test accuracy {acc:.4f}; mean loss of the last 20 steps {out['loss_mean_last20']:.4f}; "
+          f"wall {out['wall_s']} s", flush=True)  # fmt: skip
+    if args.out:
+        write(args.out, out)
+    return out
+
+
+def _train(args, command, state, step_fn, diag, batcher, xp, stride: int, alpha: float, test_accuracy):
+    """`args.steps` steps from `state`, the diagnostics every `args.every` steps (and at the last), test
+    accuracy every `args.eval_every`. Returns (state, {"loss" (floats), "grad_norm", "lr" (4 digits): per
+    step, "records", "evals", "train_s"}); partial results go to `args.out` at every diagnostics step."""
     records, losses, gnorms, lrs, evals = [], [], [], [], []
     t_train = time.perf_counter()
     for step in range(args.steps):
@@ -352,37 +386,15 @@ def main(argv=None):
             evals.append({"step": step + 1, "test_accuracy": test_accuracy(state["params"])})
             print(f"step {step + 1}: test accuracy {evals[-1]['test_accuracy']:.4f}", flush=True)
     losses = [float(v) for v in jax.device_get(losses)]
-    t_train = time.perf_counter() - t_train
-    acc = test_accuracy(state["params"])
-    out = {
-        "command": command,
-        "config_arg": args.arg,
-        "overrides": args.set,
-        "freeze": sorted(freeze),
-        "group_lr": scale,
-        "depth": mcfg.depth,
-        "mode": "none" if not spectral else mcfg.spectrum.mode,
-        "alpha": alpha,
-        "beta": beta,
-        "opt": cfg.opt.to_dict(),
-        "layers_every": stride,
-        "quantiles": QUANTILES,
-        "loss": [round(v, 4) for v in losses],
+    train_s = round(time.perf_counter() - t_train, 1)
+    return state, {
+        "loss": losses,
         "grad_norm": [float(f"{float(v):.4g}") for v in jax.device_get(gnorms)],
         "lr": [float(f"{float(v):.4g}") for v in jax.device_get(lrs)],
         "records": records,
         "evals": evals,
-        "test_accuracy": acc,
-        "loss_mean_last20": float(np.mean(losses[-20:])),
-        "any_nonfinite": not all(math.isfinite(v) for v in losses),
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "train_s": round(t_train, 1),
+        "train_s": train_s,
     }
-    print(f"test accuracy {acc:.4f}; mean loss of the last 20 steps {out['loss_mean_last20']:.4f}; "
-          f"wall {out['wall_s']} s", flush=True)  # fmt: skip
-    if args.out:
-        write(args.out, out)
-    return out
 
 
 def write(path: str, obj: dict) -> None:

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -35,6 +34,7 @@ from jaxsmooth import data as data_lib
 from jaxsmooth import train
 from jaxsmooth.tools import cli
 from jaxsmooth.train import optim
+from jaxsmooth.train.state import new_state
 
 VARIANTS = ("none", "sharpen", "smooth", "neutral", "free")
 
@@ -61,14 +61,7 @@ def measure(config, mode: str, steps: int, windows: list[tuple[int, int]]) -> di
     graphdef, params, _ = nnx.split(model, nnx.Param, ...)
     tx = optim.make_optimizer(config.opt, params)
     schedule = optim.make_schedule(config.opt)
-    pure = nnx.to_pure_dict(params)
-    state = {
-        "params": pure,
-        "opt_state": tx.init(pure),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.PRNGKey(config.train.seed + 1),
-        "bad_step": jnp.full((), -1, jnp.int32),
-    }
+    state = new_state(nnx.to_pure_dict(params), tx, seed=config.train.seed)
     step_fn = jax.jit(
         train.make_train_step(
             graphdef,

@@ -19,6 +19,7 @@ from jaxsmooth import ModelConfig, Spectrum, train
 from jaxsmooth.data import load_digits
 from jaxsmooth.nnx import ViT
 from jaxsmooth.train import optim
+from jaxsmooth.train.state import new_state
 
 # jaxsmooth/configs/deep1000.py's optimiser (lr 1e-3, clip 1, AdamW wd 0.05), with a 5-step warmup so the
 # packaged
@@ -95,9 +96,7 @@ def test_narrow_400_layer_stack_stays_input_dependent_at_the_packaged_lr():
     ds, model = _vit(400)
     graphdef, pstate, _ = nnx.split(model, nnx.Param, ...)
     tx = optim.make_optimizer(OPT, pstate)
-    params = nnx.to_pure_dict(pstate)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.PRNGKey(1), "bad_step": jnp.full((), -1, jnp.int32)}  # fmt: skip
+    state = new_state(nnx.to_pure_dict(pstate), tx, seed=0)
     step = jax.jit(train.make_train_step(graphdef, tx, optim.make_schedule(OPT), dropout=False,
                                          with_stats=False, spectral=False), donate_argnums=0)  # fmt: skip
     rng = np.random.default_rng(0)

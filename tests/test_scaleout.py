@@ -19,6 +19,7 @@ from jaxsmooth.config import ModelConfig
 from jaxsmooth.nnx import CausalLM, ViT
 from jaxsmooth.tools import cli
 from jaxsmooth.train import optim
+from jaxsmooth.train.state import new_state
 
 
 def _programs(name: str, mode: str, basis: str | None):
@@ -39,9 +40,7 @@ def _programs(name: str, mode: str, basis: str | None):
     tx = optim.make_optimizer(config.opt, abs_params)
 
     def init():
-        params = nnx.to_pure_dict(nnx.split(make(), nnx.Param)[1])
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-        return {**state, "rng": jax.random.PRNGKey(0), "bad_step": jnp.full((), -1, jnp.int32)}
+        return new_state(nnx.to_pure_dict(nnx.split(make(), nnx.Param)[1]), tx, seed=config.train.seed)
 
     state = jax.eval_shape(init)
     kw = dict(dropout=True, spectral=mcfg.spectrum is not None, num_classes=10)

@@ -107,6 +107,7 @@ SCRIPT = textwrap.dedent(
     from jaxsmooth import Spectrum, train
     from jaxsmooth.tools import cli
     from jaxsmooth.train import optim, parallel
+    from jaxsmooth.train.state import new_state
     from jaxsmooth.config import ModelConfig
     from jaxsmooth.nnx import ViT
 
@@ -121,9 +122,7 @@ SCRIPT = textwrap.dedent(
     tx, schedule = optim.make_optimizer(opt, abs_params), optim.make_schedule(opt)
 
     def init():
-        p = nnx.to_pure_dict(nnx.split(make(), nnx.Param, ...)[1])
-        return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.PRNGKey(1), "bad_step": jnp.full((), -1, jnp.int32)}
+        return new_state(nnx.to_pure_dict(nnx.split(make(), nnx.Param, ...)[1]), tx, seed=0)
 
     step = train.make_train_step(graphdef, tx, schedule, dropout=False, with_stats=False, spectral=True)
     rng = np.random.default_rng(0)
