@@ -54,8 +54,8 @@ def measure(spectrum_kw: dict | None, seed: int, depth: int, x, y) -> dict:
     @jax.jit
     def run(params):
         def loss(p):
-            logits, aux = nnx.merge(graphdef, p)(x, return_stats=True)
-            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), aux
+            out = nnx.merge(graphdef, p).forward(x, stats="logged")
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out.logits, y)), out.stats
 
         (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
         g_q = grads["transformer"]["blocks"]["attn"]["w_q"].get_value()  # [L, D, D]

@@ -17,7 +17,7 @@ The math is the same pure functions the NNX layers call (`jaxsmooth.spectral`, `
 for equal parameters the two give equal outputs. Parameter names match the NNX layers' attributes:
     w_q, w_k [D, D], b_q, b_k [D] (use_bias); theta [D, D] (orthogonal basis) or theta, theta_w [D, D] and
     theta_s [D] (general basis), psi [D]; b_v, b_o [D] (value_bias); w_v, w_o for `Attention`; attn_scale
-    [H] or s_dc, s_hc [D] for the Wang et al. options.
+    [N] or s_dc, s_hc [D] for the Wang et al. options (shape letters: `jaxsmooth.nnx`).
 `nnx_to_linen_params(nnx_layer)` copies an NNX layer's parameters into this layout. With `decode=True`
 the layer keeps a KV cache in the "cache" collection, created by `init` from the full-length input, as
 Linen's own attention does; later calls may feed one or more new tokens.
@@ -77,13 +77,72 @@ class _LinenAttention(nn.Module):
         sow_weights: bool = False,
         is_causal: bool = False,
     ) -> jax.Array:
-        """As `nn.MultiHeadDotProductAttention.__call__`: [batch..., T, D] -> [batch..., T, D].
+        """Multi-head attention, as `nn.MultiHeadDotProductAttention.__call__`.
 
-        mask: boolean [batch..., heads | 1, T, S]; deterministic: merged with the attribute as Linen does
-        (exactly one of the two must be set when dropout_rate > 0); dropout_rng: default
-        `make_rng("dropout")`; sow_weights: sow the weights into "intermediates"; is_causal: add a causal
-        mask (offset by the cache index when decoding).
+        Args:
+          inputs_q: [batch..., T, D] queries' input.
+          inputs_k, inputs_v: [batch..., S, D] keys' and values' inputs (cross-attention), or None
+            (keys from inputs_q, values from inputs_k).
+          mask: boolean [batch..., N | 1, T, S] (True = attend), or None.
+          deterministic: no dropout if True; merged with the attribute as Linen does (exactly one of the
+            two must be set when dropout_rate > 0).
+          dropout_rng: the dropout key (default `make_rng("dropout")`).
+          sow_weights: sow the attention weights [batch..., N, T, S] into "intermediates".
+          is_causal: add a causal mask (offset by the cache index when decoding).
+
+        Returns:
+          [batch..., T, D].
         """
+        inputs_k, inputs_v = self._check_inputs(inputs_q, inputs_k, inputs_v)
+        batch, d = inputs_q.shape[:-2], inputs_q.shape[-1]
+        nb, t, s = math.prod(batch), inputs_q.shape[-2], inputs_k.shape[-2]
+        flat = lambda x: x.reshape(nb, x.shape[-2], d)
+        zeros = nn.initializers.zeros_init()
+        w_q = self.param("w_q", self.kernel_init, (d, d), self.param_dtype)
+        w_k = self.param("w_k", self.kernel_init, (d, d), self.param_dtype)
+        b_q = self.param("b_q", self.bias_init, (d,), self.param_dtype) if self.use_bias else None
+        b_k = self.param("b_k", self.bias_init, (d,), self.param_dtype) if self.use_bias else None
+        w_v, w_o, b_v, b_o = self._value_output(d)
+        dtype = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(inputs_q, w_q)
+        proj = dict(num_heads=self.num_heads, dtype=dtype, fast_backward=self.fast_backward)
+        q_BxNxTxK = attn_fn.project_heads(flat(inputs_q), w_q, b_q, **proj)
+        k_BxNxSxK = attn_fn.project_heads(flat(inputs_k), w_k, b_k, **proj)
+        v_BxNxSxK = attn_fn.project_heads(flat(inputs_v), w_v, b_v, **proj)
+
+        m = None
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            m = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:])).reshape(nb, *mask.shape[-3:])
+        offset = 0
+        if self.decode:
+            k_BxNxSxK, v_BxNxSxK, offset, m = self._cache(k_BxNxSxK, v_BxNxSxK, m, batch, t)
+            s = k_BxNxSxK.shape[2]
+        allowed = attn_fn.allowed_keys(nb, t, s, mask=m, causal=is_causal, offset=offset)
+        scale_N = None
+        if self.branch_scale == "attnscale":
+            scale_N = self.param("attn_scale", zeros, (self.num_heads,), jnp.float32)
+        z_BxTxD, att_BxNxTxS = attn_fn.attend(
+            q_BxNxTxK, k_BxNxSxK, v_BxNxSxK, allowed=allowed, attn_scale_H=scale_N,
+            dropout_rate=self.dropout_rate, dropout_key=self._dropout_key(deterministic, dropout_rng),
+            broadcast_dropout=self.broadcast_dropout, dtype=dtype,
+        )  # fmt: skip
+        if sow_weights:
+            att = att_BxNxTxS.reshape(*batch, *att_BxNxTxS.shape[1:])
+            self.sow("intermediates", "attention_weights", att)
+        matmul = attn_fn.dense if self.fast_backward else jnp.matmul
+        y_BxTxD = matmul(z_BxTxD, w_o.astype(dtype))
+        if b_o is not None:
+            y_BxTxD = y_BxTxD + b_o.astype(dtype)[None, None, :]
+        if self.branch_scale == "featscale":
+            if self.decode:
+                raise NotImplementedError("branch_scale='featscale' with decode=True is not supported")
+            s_dc = self.param("s_dc", zeros, (d,), jnp.float32)
+            s_hc = self.param("s_hc", zeros, (d,), jnp.float32)
+            y_BxTxD = attn_fn.feat_scale(y_BxTxD, s_dc, s_hc, causal=is_causal)
+        return y_BxTxD.reshape(*batch, t, d)
+
+    def _check_inputs(self, inputs_q, inputs_k, inputs_v):
+        """Flax's defaults (keys from the queries' input, values from the keys') and the width checks."""
         if inputs_k is None:
             if inputs_v is not None:
                 raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None (as in Flax)")
@@ -105,83 +164,67 @@ class _LinenAttention(nn.Module):
             raise ValueError(f"num_heads={self.num_heads} must divide the input width {d}")
         if self.branch_scale not in ("none", "attnscale", "featscale"):
             raise ValueError(f"branch_scale={self.branch_scale!r}; choose none, attnscale or featscale")
-        batch = inputs_q.shape[:-2]
-        nb, t, s = math.prod(batch), inputs_q.shape[-2], inputs_k.shape[-2]
-        flat = lambda x: x.reshape(nb, x.shape[-2], d)
-        zeros = nn.initializers.zeros_init()
-        w_q = self.param("w_q", self.kernel_init, (d, d), self.param_dtype)
-        w_k = self.param("w_k", self.kernel_init, (d, d), self.param_dtype)
-        b_q = self.param("b_q", self.bias_init, (d,), self.param_dtype) if self.use_bias else None
-        b_k = self.param("b_k", self.bias_init, (d,), self.param_dtype) if self.use_bias else None
-        w_v, w_o, b_v, b_o = self._value_output(d)
-        dtype = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(inputs_q, w_q)
-        proj = dict(num_heads=self.num_heads, dtype=dtype, fast_backward=self.fast_backward)
-        q = attn_fn.project_heads(flat(inputs_q), w_q, b_q, **proj)
-        k = attn_fn.project_heads(flat(inputs_k), w_k, b_k, **proj)
-        v = attn_fn.project_heads(flat(inputs_v), w_v, b_v, **proj)
+        return inputs_k, inputs_v
 
-        m = None
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            m = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:])).reshape(nb, *mask.shape[-3:])
-        offset = 0
-        if self.decode:
-            k, v, offset, m = self._cache(k, v, m, batch, t)
-            s = k.shape[2]
-        allowed = attn_fn.allowed_keys(nb, t, s, mask=m, causal=is_causal, offset=offset)
+    def _dropout_key(self, deterministic, dropout_rng):
+        """Linen's rule: with dropout_rate > 0, `deterministic` comes from the call or the attribute."""
+        if self.dropout_rate > 0.0 and not nn.merge_param("deterministic", self.deterministic, deterministic):
+            return dropout_rng if dropout_rng is not None else self.make_rng("dropout")
+        return None
 
-        key = None
-        if self.dropout_rate > 0.0:
-            if not nn.merge_param("deterministic", self.deterministic, deterministic):
-                key = dropout_rng if dropout_rng is not None else self.make_rng("dropout")
-        scale_H = None
-        if self.branch_scale == "attnscale":
-            scale_H = self.param("attn_scale", zeros, (self.num_heads,), jnp.float32)
-        z, att = attn_fn.attend(
-            q, k, v, allowed=allowed, attn_scale_H=scale_H, dropout_rate=self.dropout_rate,
-            dropout_key=key, broadcast_dropout=self.broadcast_dropout, dtype=dtype,
-        )  # fmt: skip
-        if sow_weights:
-            self.sow("intermediates", "attention_weights", att.reshape(*batch, *att.shape[1:]))
-        matmul = attn_fn.dense if self.fast_backward else jnp.matmul
-        y = matmul(z, w_o.astype(dtype))
-        if b_o is not None:
-            y = y + b_o.astype(dtype)[None, None, :]
-        if self.branch_scale == "featscale":
-            if self.decode:
-                raise NotImplementedError("branch_scale='featscale' with decode=True is not supported")
-            s_dc = self.param("s_dc", zeros, (d,), jnp.float32)
-            s_hc = self.param("s_hc", zeros, (d,), jnp.float32)
-            y = attn_fn.feat_scale(y, s_dc, s_hc, causal=is_causal)
-        return y.reshape(*batch, t, d)
-
-    def _cache(self, k_BxHxTxK, v_BxHxTxK, m, batch, t):
+    def _cache(self, k_BxNxTxK, v_BxNxTxK, m, batch, t):
         """Linen's cache protocol: `init` creates the cache from the full-length input; afterwards each
         call writes its tokens at cache_index and attends causally to everything written so far."""
-        nb, h, _, kd = k_BxHxTxK.shape
-        to_cache = lambda a: a.transpose(0, 2, 1, 3).reshape(*batch, t, h, kd)
+        nb, n, _, kd = k_BxNxTxK.shape
+        to_cache = lambda a: a.transpose(0, 2, 1, 3).reshape(*batch, t, n, kd)
         initialized = self.has_variable("cache", "cached_key")
-        ck = self.variable("cache", "cached_key", jnp.zeros, (*batch, t, h, kd), k_BxHxTxK.dtype)
-        cv = self.variable("cache", "cached_value", jnp.zeros, (*batch, t, h, kd), v_BxHxTxK.dtype)
+        ck = self.variable("cache", "cached_key", jnp.zeros, (*batch, t, n, kd), k_BxNxTxK.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, (*batch, t, n, kd), v_BxNxTxK.dtype)
         ci = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
         if not initialized:  # init: just shape the cache; attend over the given tokens
-            return k_BxHxTxK, v_BxHxTxK, 0, m
+            return k_BxNxTxK, v_BxNxTxK, 0, m
         max_len = ck.value.shape[-3]
         idx = ci.value
         zero = jnp.zeros((), jnp.int32)
         start = (zero,) * len(batch) + (idx, zero, zero)
-        ck.value = jax.lax.dynamic_update_slice(ck.value, to_cache(k_BxHxTxK).astype(ck.value.dtype), start)
-        cv.value = jax.lax.dynamic_update_slice(cv.value, to_cache(v_BxHxTxK).astype(cv.value.dtype), start)
+        ck.value = jax.lax.dynamic_update_slice(ck.value, to_cache(k_BxNxTxK).astype(ck.value.dtype), start)
+        cv.value = jax.lax.dynamic_update_slice(cv.value, to_cache(v_BxNxTxK).astype(cv.value.dtype), start)
         ci.value = idx + t
-        heads_major = lambda a: a.reshape(nb, max_len, h, kd).transpose(0, 2, 1, 3)
+        heads_major = lambda a: a.reshape(nb, max_len, n, kd).transpose(0, 2, 1, 3)
         cached = (jnp.arange(max_len)[None, :] <= idx + jnp.arange(t)[:, None])[None, None]
         m = cached if m is None else jnp.logical_and(m, cached)
         return heads_major(ck.value), heads_major(cv.value), idx, m
 
 
 class Attention(_LinenAttention):
-    """Unconstrained attention (the baseline) with `nn.MultiHeadDotProductAttention`'s attributes; V and O
-    biases follow `use_bias` unless `value_bias` is set."""
+    """Unconstrained attention (the baseline) with `nn.MultiHeadDotProductAttention`'s attributes.
+
+    Args (attributes):
+      num_heads: number of heads N; must divide the input width D.
+      dtype: compute dtype (None: inferred from the inputs and parameters).
+      param_dtype: dtype of the Q/K (and baseline V/O) parameters.
+      qkv_features, out_features: None or D (H = W_V W_O must be square).
+      broadcast_dropout: one attention-dropout pattern for the whole batch and all heads.
+      dropout_rate: attention-dropout probability.
+      deterministic: merged with the call argument (`nn.merge_param`).
+      kernel_init, bias_init: initializers of the projection matrices and the biases.
+      use_bias: Q and K biases (and, for `Attention`, V and O unless value_bias says otherwise).
+      decode: keep a KV cache in the "cache" collection (created by `init` from the full-length input).
+      beta: DeepNorm's init scale on W_V, W_O (spectral: on the eigenvalues, squared).
+      branch_scale: "none" | "attnscale" | "featscale" (Wang et al. 2022).
+      fast_backward: see `jaxsmooth.attention.dense` (reverse mode only; False for jax.jvp).
+      value_bias: V and O biases (None: follow use_bias, as Flax does).
+      out_kernel_init, out_bias_init: initializers of W_O and its bias (default: kernel_init, bias_init).
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsmooth.linen import Attention
+      >>> layer = Attention(num_heads=4)
+      >>> params = layer.init(jax.random.key(0), jnp.ones((2, 5, 16)))
+      >>> layer.apply(params, jnp.ones((2, 5, 16))).shape
+      (2, 5, 16)
+    """
 
     out_kernel_init: Callable | None = None
     out_bias_init: Callable | None = None
@@ -197,10 +240,39 @@ class Attention(_LinenAttention):
 
 
 class SpectralAttention(_LinenAttention):
-    """Attention with W_V = V diag(lambda), W_O = V^-1 held in `spectrum`'s interval (required keyword).
+    """Attention with W_V = V diag(lambda), W_O = V^-1: the eigenvalues lambda of H = W_V W_O lie in
+    `spectrum`'s interval for any parameter values.
 
-    alpha: the enclosing block's residual scale (DeepNorm); lambda lies in alpha * [lo, hi].
-    value_bias: V and O biases (default False: a DC term outside the constraint).
+    Args (attributes):
+      num_heads: number of heads N; must divide the input width D.
+      dtype: compute dtype (None: inferred from the inputs and parameters).
+      param_dtype: dtype of the Q/K (and baseline V/O) parameters.
+      qkv_features, out_features: None or D (H = W_V W_O must be square).
+      broadcast_dropout: one attention-dropout pattern for the whole batch and all heads.
+      dropout_rate: attention-dropout probability.
+      deterministic: merged with the call argument (`nn.merge_param`).
+      kernel_init, bias_init: initializers of the projection matrices and the biases.
+      use_bias: Q and K biases (and, for `Attention`, V and O unless value_bias says otherwise).
+      decode: keep a KV cache in the "cache" collection (created by `init` from the full-length input).
+      beta: DeepNorm's init scale on W_V, W_O (spectral: on the eigenvalues, squared).
+      branch_scale: "none" | "attnscale" | "featscale" (Wang et al. 2022).
+      fast_backward: see `jaxsmooth.attention.dense` (reverse mode only; False for jax.jvp).
+      spectrum: the constraint (`jaxsmooth.Spectrum`), required (by keyword).
+      alpha: the enclosing block's residual scale (DeepNorm); lambda lies in alpha * [lo, hi].
+      value_bias: V and O biases (default: off, a DC term outside the constraint).
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, jaxsmooth
+      >>> from jaxsmooth.linen import SpectralAttention, effective_h
+      >>> sharpen = jaxsmooth.Spectrum("sharpen")
+      >>> layer = SpectralAttention(num_heads=4, spectrum=sharpen, dropout_rate=0.1)
+      >>> x = jnp.ones((2, 5, 16))
+      >>> params = layer.init(jax.random.key(0), x, deterministic=True)
+      >>> layer.apply(params, x, deterministic=True).shape
+      (2, 5, 16)
+      >>> bool(jnp.linalg.eigvalsh(effective_h(params["params"], sharpen)).max() < 0)
+      True
     """
 
     spectrum: Spectrum | None = None
@@ -232,7 +304,16 @@ class SpectralAttention(_LinenAttention):
 
 
 def effective_h(params: dict, spectrum: Spectrum, alpha: float = 1.0) -> jax.Array:
-    """H = W_V W_O from a Linen SpectralAttention's params dict."""
+    """H = W_V W_O of a Linen `SpectralAttention`, from its parameters.
+
+    Args:
+      params: the layer's params dict (theta, psi; theta_w, theta_s for the general basis).
+      spectrum: the layer's `Spectrum`.
+      alpha: the layer's `alpha`.
+
+    Returns:
+      h_DxD, float32.
+    """
     theta = params["theta"]
     if spectrum.basis == "general":
         theta = {"u": params["theta"], "w": params["theta_w"], "s": params["theta_s"]}
@@ -240,7 +321,14 @@ def effective_h(params: dict, spectrum: Spectrum, alpha: float = 1.0) -> jax.Arr
 
 
 def nnx_to_linen_params(module) -> dict:
-    """The parameters of a `jaxsmooth.nnx` attention layer as the Linen layer's params dict."""
+    """The parameters of a `jaxsmooth.nnx` attention layer as the Linen layer's params dict.
+
+    Args:
+      module: a `jaxsmooth.nnx.SpectralAttention` or `jaxsmooth.nnx.Attention`.
+
+    Returns:
+      {name: array} with the Linen layer's parameter names (use as {"params": ...}).
+    """
     from flax import nnx
 
     state = nnx.state(module, nnx.Param)

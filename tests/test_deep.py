@@ -106,7 +106,8 @@ def test_narrow_400_layer_stack_stays_input_dependent_at_the_packaged_lr():
     assert int(metrics["bad_step"]) < 0
 
     m = nnx.merge(graphdef, state["params"])
-    y_BxTxD, aux = m.transformer(m.embed(ds.x_test[:32]), return_stats=True)
+    out = m.transformer.forward(m.embed(ds.x_test[:32]), stats="logged")
+    y_BxTxD, aux = out.hidden, out.stats
     cls_BxD = np.asarray(y_BxTxD[:, 0], np.float64)
     spread = np.mean(np.std(cls_BxD, axis=0)) / np.sqrt(np.mean(cls_BxD**2))
     cosine = float(aux["token_cosine"][-1])

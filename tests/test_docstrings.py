@@ -36,6 +36,12 @@ MODULES = [
     "jaxsmooth.metrics",
     "jaxsmooth.theory",
     "jaxsmooth.linalg",
+    # modules
+    "jaxsmooth.nnx.layers",
+    "jaxsmooth.nnx.transformer",
+    "jaxsmooth.nnx.models",
+    "jaxsmooth.nnx.variables",
+    "jaxsmooth.linen",
 ]
 
 # A section header on a line of its own; "Args (attributes):" also counts as an Args section.

@@ -100,11 +100,11 @@ def test_the_pre_ln_block_applies_exactly_the_effective_map(value_norm):
     _adversarial(stack, 1)
     stack.blocks.mlp.w2.set_value(jnp.zeros_like(stack.blocks.mlp.w2.get_value()))
     stack.blocks.mlp.b2.set_value(jnp.zeros_like(stack.blocks.mlp.b2.get_value()))
-    x_Nx1xD = jax.random.normal(jax.random.key(2), (8, 1, d)) * 3.0 + 1.0
+    x_Bx1xD = jax.random.normal(jax.random.key(2), (8, 1, d)) * 3.0 + 1.0
     graphdef, state = nnx.split(stack.blocks)
     block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
-    a = np.asarray(block(x_Nx1xD)[0] - x_Nx1xD, np.float64)[:, 0]
-    x = np.asarray(x_Nx1xD, np.float64)[:, 0]
+    a = np.asarray(block(x_Bx1xD)[0] - x_Bx1xD, np.float64)[:, 0]
+    x = np.asarray(x_Bx1xD, np.float64)[:, 0]
     m = np.asarray(stack.effective_update()[0], np.float64)
     h = np.asarray(stack.effective_h()[0], np.float64)
     if value_norm == "rms":

@@ -15,7 +15,7 @@ import jaxsmooth
 from jaxsmooth import linen as jlinen
 from jaxsmooth.nnx import Attention, CausalLM, SpectralAttention
 
-D, H, T = 16, 4, 5
+D, N, T = 16, 4, 5
 SPEC = jaxsmooth.Spectrum("sharpen")
 
 
@@ -52,14 +52,14 @@ def _copy_flax_mha_into(ours: Attention, theirs: nnx.MultiHeadAttention) -> None
 def test_nnx_block_works_with_only_the_class_swapped(cls):
     extra = {"spectral": {"attention_cls": SpectralAttention, "spectrum": SPEC},
              "attention": {"attention_cls": Attention}, "flax": {}}[cls]  # fmt: skip
-    block = FlaxBlock(D, H, rngs=nnx.Rngs(0), **extra)
+    block = FlaxBlock(D, N, rngs=nnx.Rngs(0), **extra)
     x, mask = _inputs()
     block.eval()
     y1, y2 = block(x, mask), block(x, mask)
     np.testing.assert_array_equal(y1, y2)  # eval: deterministic
     weights = nnx.pop(block, nnx.Intermediate)["attn"]["attention_weights"].get_value()[-1]
-    chex.assert_shape(weights, (2, 3, H, T, T))
-    chex.assert_trees_all_close(weights[..., :3, :].sum(-1), jnp.ones((2, 3, H, 3)), atol=1e-5)
+    chex.assert_shape(weights, (2, 3, N, T, T))
+    chex.assert_trees_all_close(weights[..., :3, :].sum(-1), jnp.ones((2, 3, N, 3)), atol=1e-5)
     assert float(jnp.abs(weights[..., :3, 3:]).max()) == 0.0  # padded keys get no weight
     block.train()
     z1, z2 = block(x, mask), block(x, mask)
@@ -72,8 +72,8 @@ def test_nnx_block_works_with_only_the_class_swapped(cls):
 
 
 def test_unconstrained_attention_with_flax_weights_gives_flax_outputs():
-    theirs = nnx.MultiHeadAttention(H, D, decode=False, rngs=nnx.Rngs(0))
-    ours = Attention(H, D, rngs=nnx.Rngs(1))
+    theirs = nnx.MultiHeadAttention(N, D, decode=False, rngs=nnx.Rngs(0))
+    ours = Attention(N, D, rngs=nnx.Rngs(1))
     _copy_flax_mha_into(ours, theirs)
     x, mask = _inputs()
     np.testing.assert_allclose(ours(x, mask=mask), theirs(x, mask=mask), atol=2e-5)
@@ -90,7 +90,7 @@ class LinenBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, deterministic=True):
-        attn = self.attention_cls(num_heads=H, qkv_features=D, dropout_rate=0.2, **(self.extra or {}))
+        attn = self.attention_cls(num_heads=N, qkv_features=D, dropout_rate=0.2, **(self.extra or {}))
         return x + attn(nn.LayerNorm()(x), mask=mask, deterministic=deterministic, sow_weights=True)
 
 
@@ -103,7 +103,7 @@ def test_linen_block_works_with_only_the_class_swapped(cls):
     variables = block.init(jax.random.key(0), x, mask)
     y, state = block.apply(variables, x, mask, mutable=["intermediates"])
     weights = jax.tree.leaves(state["intermediates"])[0]
-    assert weights.shape == (2, 3, H, T, T)
+    assert weights.shape == (2, 3, N, T, T)
     assert float(jnp.abs(weights[..., :3, 3:]).max()) == 0.0
     rng = {"dropout": jax.random.key(5)}
     z = block.apply(variables, x, mask, deterministic=False, rngs=rng)
@@ -125,7 +125,7 @@ def test_linen_block_works_with_only_the_class_swapped(cls):
 @pytest.mark.parametrize("spectral", [False, True])
 def test_kv_cache_decoding_equals_full_causal_recomputation(spectral):
     kw = {"spectrum": SPEC} if spectral else {}
-    layer = (SpectralAttention if spectral else Attention)(H, D, rngs=nnx.Rngs(0), **kw)
+    layer = (SpectralAttention if spectral else Attention)(N, D, rngs=nnx.Rngs(0), **kw)
     x = jax.random.normal(jax.random.key(3), (2, 7, D))
     full = layer(x, is_causal=True)
     layer.init_cache(x.shape)
@@ -134,7 +134,7 @@ def test_kv_cache_decoding_equals_full_causal_recomputation(spectral):
     chex.assert_trees_all_close(got, full, atol=2e-5)
     assert int(layer.cache_index[...]) == 7
     # Linen: init shapes the cache from the full-length input, then tokens are fed
-    lin = jlinen.SpectralAttention(num_heads=H, spectrum=SPEC, decode=True)
+    lin = jlinen.SpectralAttention(num_heads=N, spectrum=SPEC, decode=True)
     v = lin.init(jax.random.key(0), x)
     params = jlinen.nnx_to_linen_params(layer) if spectral else v["params"]
     cache = v["cache"]
@@ -149,7 +149,7 @@ def test_kv_cache_decoding_equals_full_causal_recomputation(spectral):
 
 @pytest.mark.parametrize("residual", ["pre_ln", "deepnorm"])
 def test_cached_greedy_generation_equals_full_recomputation_and_compiles_once(residual):
-    cfg = jaxsmooth.ModelConfig(depth=2, d_model=D, num_heads=H, residual=residual, spectrum=SPEC)
+    cfg = jaxsmooth.ModelConfig(depth=2, d_model=D, num_heads=N, residual=residual, spectrum=SPEC)
     model = CausalLM(cfg, vocab_size=13, max_len=20, rngs=nnx.Rngs(0))
     model.head_w[...] = 3 * model.head_w[...]  # sharper logits: greedy picks are not near-ties
     prompt = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8]])

@@ -11,7 +11,7 @@ import jaxsmooth
 from jaxsmooth import linen as jlinen
 from jaxsmooth.nnx import Attention, SpectralAttention
 
-D, H, T, B = 12, 3, 6, 2
+D, N, T, B = 12, 3, 6, 2
 SPECS = [
     jaxsmooth.Spectrum("sharpen"),
     jaxsmooth.Spectrum("smooth", basis="general", bound="smooth"),
@@ -26,28 +26,28 @@ def _softmax(z):
 
 
 def _dense_reference(m, x, causal=False, key_mask=None):
-    """y = sum_h A_h X H_h: per-head attention times the per-head value-output maps, in float64."""
+    """y = sum_n A_n X H_n: per-head attention times the per-head value-output maps, in float64."""
     x = np.asarray(x, np.float64)
     q = x @ np.asarray(m.w_q[...], np.float64) + np.asarray(m.b_q[...], np.float64)
     k = x @ np.asarray(m.w_k[...], np.float64) + np.asarray(m.b_k[...], np.float64)
-    kd = D // H
+    kd = D // N
     maps = np.asarray(m.head_maps(), np.float64)
     np.testing.assert_allclose(maps.sum(0), np.asarray(m.effective_h(), np.float64), atol=1e-5)
     y = np.zeros_like(x)
-    for h in range(H):
+    for n in range(N):
         logits = (
-            q[..., h * kd : (h + 1) * kd] @ np.swapaxes(k[..., h * kd : (h + 1) * kd], -1, -2) / np.sqrt(kd)
+            q[..., n * kd : (n + 1) * kd] @ np.swapaxes(k[..., n * kd : (n + 1) * kd], -1, -2) / np.sqrt(kd)
         )
         if causal:
             logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
         if key_mask is not None:
             logits = np.where(np.asarray(key_mask, bool)[:, None, :], logits, -np.inf)
-        y += _softmax(logits) @ x @ maps[h]
+        y += _softmax(logits) @ x @ maps[n]
     return y
 
 
 def _spectral(spectrum=SPECS[0], **kw):
-    return SpectralAttention(H, D, spectrum=spectrum, rngs=nnx.Rngs(0), **kw)
+    return SpectralAttention(N, D, spectrum=spectrum, rngs=nnx.Rngs(0), **kw)
 
 
 @pytest.mark.parametrize("spectrum", SPECS, ids=lambda s: f"{s.mode}-{s.basis}-{s.bound}")
@@ -66,7 +66,7 @@ def test_spectral_attention_equals_dense_reference(spectrum, causal):
 
 
 def test_baseline_attention_equals_dense_reference():
-    m = Attention(H, D, value_bias=False, rngs=nnx.Rngs(0))  # the reference has no V/O biases
+    m = Attention(N, D, value_bias=False, rngs=nnx.Rngs(0))  # the reference has no V/O biases
     x = jax.random.normal(jax.random.key(1), (B, T, D))
     np.testing.assert_allclose(np.asarray(m(x)), _dense_reference(m, x), atol=2e-5, rtol=1e-4)
     ev = m.eigenvalues()
@@ -98,7 +98,7 @@ def test_padding_mask_isolates_real_tokens():
 def test_linen_matches_nnx(spectrum, branch_scale):
     m = _spectral(spectrum, branch_scale=branch_scale)
     params = jlinen.nnx_to_linen_params(m)
-    layer = jlinen.SpectralAttention(num_heads=H, spectrum=spectrum, branch_scale=branch_scale)
+    layer = jlinen.SpectralAttention(num_heads=N, spectrum=spectrum, branch_scale=branch_scale)
     x = jax.random.normal(jax.random.key(3), (B, T, D))
     init_params = layer.init(jax.random.key(0), x)["params"]
     assert jax.tree.map(jnp.shape, init_params) == jax.tree.map(jnp.shape, params)
@@ -118,7 +118,7 @@ def test_branch_scales_at_init_are_identity_and_change_output_when_trained():
         m = _spectral(branch_scale=bs)
         np.testing.assert_allclose(m(x), ref, atol=1e-6)  # init 0 = the plain layer
         if bs == "attnscale":  # w_h = -1 removes the high-frequency part: every row is uniform
-            m.attn_scale[...] = -jnp.ones(H)
+            m.attn_scale[...] = -jnp.ones(N)
             _, att = m.attend(x)
             np.testing.assert_allclose(att, 1.0 / T, atol=1e-6)
         else:  # s_hc = -1 removes the high-frequency part: all tokens equal
@@ -128,8 +128,8 @@ def test_branch_scales_at_init_are_identity_and_change_output_when_trained():
 
 
 def test_deepnorm_beta_scales_value_output_and_mlp_only():
-    base = jaxsmooth.ModelConfig(depth=8, d_model=D, num_heads=H)
-    deep = jaxsmooth.ModelConfig(depth=8, d_model=D, num_heads=H, residual="deepnorm")
+    base = jaxsmooth.ModelConfig(depth=8, d_model=D, num_heads=N)
+    deep = jaxsmooth.ModelConfig(depth=8, d_model=D, num_heads=N, residual="deepnorm")
     alpha, beta = deep.alpha_beta
     a = jaxsmooth.nnx.Block(base, rngs=nnx.Rngs(0))
     b = jaxsmooth.nnx.Block(deep, rngs=nnx.Rngs(0))

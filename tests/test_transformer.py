@@ -1,6 +1,7 @@
 """The stack: scanned == unrolled, every remat mode == no remat (values and gradients), compile size does
 not grow with depth, a 1000-layer DeepNorm spectral stack trains a step, per-layer stats come out of the
-scan, and the task models respect causality."""
+scan, the task models respect causality, and every model has one calling convention (`model(x)` -> logits,
+`model.forward(x, ...)` -> one typed output; dropout by `deterministic` / `rngs` as `nnx.Dropout`)."""
 
 import dataclasses
 import time
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxsmooth import ModelConfig, Spectrum, metrics
-from jaxsmooth.nnx import CausalLM, Transformer, ViT
+from jaxsmooth.nnx import CausalLM, LayerInputs, ModelOutput, StackOutput, Transformer, ViT
 
 SHARPEN = Spectrum("sharpen")
 GENERAL = Spectrum("neutral", basis="general", bound="smooth")
@@ -27,7 +28,7 @@ def _loss_and_grad(cfg, x, key=None):
 
     @nnx.jit
     def f(m, x, key):
-        return nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(x, dropout_key=key) - 0.5)))(m)
+        return nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(x, rngs=key) - 0.5)))(m)
 
     return f(model, x, key)
 
@@ -115,11 +116,13 @@ def test_per_layer_stats_come_out_of_the_scan():
     cfg = _cfg(depth=4, spectrum=SHARPEN)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (3, 6, 16))
-    y, aux = model(x, return_stats=True, return_attention=True)
-    np.testing.assert_allclose(y, model(x), atol=1e-6)  # same forward
+    out = model.forward(x, stats="logged", attention=True)
+    np.testing.assert_allclose(out.hidden, model(x), atol=1e-6)  # same forward
+    aux = out.stats
+    assert set(aux) == {*metrics.LAYER_STAT_KEYS, "input"}
     for k in metrics.LAYER_STAT_KEYS:
         assert aux[k].shape == (4,) and aux["input"][k].shape == ()
-    assert aux["attention"].shape == (4, 2, 6, 6)
+    assert out.attention.shape == (4, 2, 6, 6)
     # the scan's numbers are the metrics of the real intermediate activations (unrolled by hand)
     graphdef, state = nnx.split(model.blocks)
     h = x
@@ -150,8 +153,8 @@ def test_positive_ln_gain_stays_positive_under_adversarial_parameters():
 def test_vit_and_causal_lm():
     cfg = _cfg(depth=2, spectrum=SHARPEN)
     vit = ViT(cfg, 10, (8, 8, 1), 4, rngs=nnx.Rngs(0))
-    logits, aux = vit(jnp.ones((3, 8, 8, 1)), return_stats=True)
-    assert logits.shape == (3, 10) and aux["token_cosine"].shape == (2,)
+    out = vit.forward(jnp.ones((3, 8, 8, 1)), stats="logged")
+    assert out.logits.shape == (3, 10) and out.stats["token_cosine"].shape == (2,)
     lm = CausalLM(
         dataclasses.replace(cfg, deepnorm_arch="decoder", residual="deepnorm"), 11, 9, rngs=nnx.Rngs(0)
     )
@@ -231,7 +234,97 @@ def test_stochastic_depth_drops_whole_branches_at_the_linear_rate():
     # Depth 2: layer 0 at rate 0, layer 1 at 0.9; most examples skip layer 1's branches entirely.
     one = Transformer(_cfg(depth=1), rngs=nnx.Rngs(0))
     nnx.update(one.blocks, jax.tree.map(lambda a: a[:1], nnx.state(dp.blocks)))  # dp's first layer alone
-    trained = np.asarray(dp(x, dropout_key=jax.random.key(3)))
+    trained = np.asarray(dp(x, rngs=jax.random.key(3)))
     first = np.asarray(one(x))
     skipped = np.isclose(trained, first, atol=1e-5).reshape(16, -1).all(1)
     assert 10 <= skipped.sum() <= 16  # both branches dropped: p = 0.9^2 = 0.81 per example (mean 13)
+
+
+def _models(**kw):
+    cfg = _cfg(depth=3, spectrum=SHARPEN, **kw)
+    lm_cfg = dataclasses.replace(cfg, deepnorm_arch="decoder", residual="deepnorm")
+    models = [
+        (Transformer(cfg, rngs=nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (2, 5, 16))),
+        (ViT(cfg, 10, (8, 8, 1), 4, rngs=nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (2, 8, 8, 1))),
+        (CausalLM(lm_cfg, 11, 9, rngs=nnx.Rngs(0)), jnp.arange(12).reshape(2, 6) % 11),
+    ]
+    for model, _ in models:  # a zero-initialised head would hide what dropout does to its input
+        head = getattr(model, "head_w", None)
+        if head is not None:
+            head[...] = 0.1 * jax.random.normal(jax.random.key(2), head[...].shape)
+    return models
+
+
+def test_every_model_has_one_output_type_whatever_is_asked():
+    """model(x) is always the array; forward always the typed output, whose main array does not depend
+    on which statistics are asked for (up to rounding: the scan body that also computes them compiles
+    differently)."""
+    for model, x in _models():
+        plain = model(x)
+        assert isinstance(plain, jax.Array)
+        kind = StackOutput if isinstance(model, Transformer) else ModelOutput
+        main = (lambda o: o.hidden) if kind is StackOutput else (lambda o: o.logits)
+        bare = model.forward(x)
+        assert type(bare) is kind and bare.stats is None and bare.attention is None
+        np.testing.assert_array_equal(main(bare), plain)
+        full = model.forward(x, stats="full", attention=True)
+        assert type(full) is kind
+        np.testing.assert_allclose(main(full), plain, rtol=1e-5, atol=1e-6)
+        assert set(full.stats) == {*metrics.FULL_LAYER_STAT_KEYS, "input"}
+        assert set(full.stats["input"]) == set(metrics.FULL_LAYER_STAT_KEYS)
+        assert full.attention.shape[:2] == (3, 2)  # [L, N, T, T]
+        with pytest.raises(ValueError, match="stats"):
+            model.forward(x, stats=True)
+        jitted = nnx.jit(lambda m, x: m.forward(x, stats="logged"))(model, x)  # a pytree: jit returns it
+        assert type(jitted) is kind
+        np.testing.assert_allclose(main(jitted), plain, rtol=1e-5, atol=1e-6)  # compiled vs eager
+
+
+def test_dropout_follows_the_flax_convention():
+    """deterministic / rngs as nnx.Dropout: no rngs -> deterministic (evaluation); a key or an nnx.Rngs
+    -> dropout; deterministic=True wins over rngs; deterministic=False without rngs is an error; .eval(),
+    .train() and nnx.view set the default."""
+    key = jax.random.key(3)
+    for model, x in _models(dropout=0.3):
+        ref = model(x)
+        np.testing.assert_array_equal(model(x), ref)
+        np.testing.assert_array_equal(model(x, deterministic=True, rngs=key), ref)
+        dropped = model(x, rngs=key)
+        assert not np.allclose(dropped, ref)
+        np.testing.assert_array_equal(model(x, rngs=key), dropped)  # the key decides the masks
+        np.testing.assert_array_equal(model(x, deterministic=False, rngs=key), dropped)
+        # an nnx.Rngs gives its "dropout" stream's next key, as nnx.Dropout reads it
+        np.testing.assert_array_equal(
+            model(x, rngs=nnx.Rngs(dropout=5)), model(x, rngs=nnx.Rngs(dropout=5).dropout())
+        )
+        with pytest.raises(ValueError, match="rngs"):
+            model(x, deterministic=False)
+        np.testing.assert_array_equal(nnx.view(model, deterministic=True)(x, rngs=key), ref)
+        model.eval()
+        np.testing.assert_array_equal(model(x, rngs=key), ref)
+        model.train()
+        np.testing.assert_array_equal(model(x, rngs=key), dropped)
+        with pytest.raises(ValueError, match="rngs"):
+            model(x)
+    # No randomness to draw (dropout and drop_path 0): deterministic=False needs no rngs.
+    model, x = _models()[0]
+    np.testing.assert_array_equal(model(x, deterministic=False), model(x))
+
+
+def test_the_models_key_reaches_each_layer_as_layer_inputs():
+    """The stack splits the call's key into one key per layer (LayerInputs.rngs, with the linear
+    stochastic-depth rates): running the blocks by hand with those inputs gives the stack's output."""
+    cfg = _cfg(depth=3, spectrum=SHARPEN, dropout=0.2, drop_path=0.5)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 6, 16))
+    key = jax.random.key(9)
+    graphdef, state = nnx.split(model.blocks)
+    keys_L, rates_L = jax.random.split(key, 3), 0.5 * jnp.arange(3) / 2
+    h = x
+    for layer in range(3):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], state))
+        h, extra = block(h, LayerInputs(rngs=keys_L[layer], drop_path=rates_L[layer]))
+        assert extra == {}
+    h = model.final_ln(h)
+    np.testing.assert_allclose(model(x, rngs=key), h, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(model(x), h)

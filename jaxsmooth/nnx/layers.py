@@ -1,4 +1,5 @@
-"""Flax NNX layers over the pure functions of `jaxsmooth.attention` and `jaxsmooth.spectral`.
+"""Flax NNX layers over the pure functions of `jaxsmooth.attention` and `jaxsmooth.spectral` (shape letters:
+`jaxsmooth.nnx`).
 
 `SpectralAttention` and the unconstrained `Attention` take `flax.nnx.MultiHeadAttention`'s constructor and
 call arguments with the same names, order and meaning where they make sense for a square H = W_V W_O:
@@ -10,7 +11,7 @@ call arguments with the same names, order and meaning where they make sense for 
           sow_weights=False, decode=None)
 
 so a block written against the Flax class works with only the class swapped (plus `spectrum=`). Masks are
-Flax's boolean [batch..., heads | 1, T, S] masks (`nnx.make_attention_mask`, `nnx.make_causal_mask`), any
+Flax's boolean [batch..., N | 1, T, S] masks (`nnx.make_attention_mask`, `nnx.make_causal_mask`), any
 leading batch dimensions work, `inputs_k` / `inputs_v` give cross-attention, dropout follows `.train()` /
 `.eval()` and `deterministic` exactly as in Flax, `sow_weights` sows the attention weights into
 `nnx.Intermediate`, and `decode=True` after `init_cache` runs a KV cache (one or more new tokens per call).
@@ -59,14 +60,31 @@ def param(kind: type[nnx.Variable], value: Any, names: Sequence[str | None], **m
     `nnx.with_partitioning` returns: the user's partitioning then wins over `names`, as in Flax. Our own
     names are attached without eager sharding, so a model builds without a mesh; `jaxsmooth.train.parallel`
     maps them onto a mesh when one is used.
+
+    Args:
+      kind: the Variable type (`nnx.Param`, `EigVals`, ...).
+      value: the initial value (an array or an initializer's `VariableMetadata`).
+      names: one logical axis name (or None) per dimension.
+      **metadata: more Variable metadata (e.g. `lr_scale`, `weight_decay`).
+
+    Returns:
+      The Variable.
     """
     if isinstance(value, nnx.variablelib.VariableMetadata):
         return kind(value, out_sharding=tuple(names), **metadata)
     return kind(value, out_sharding=tuple(names), eager_sharding=False, **metadata)
 
 
-def _as_key(rngs: Any) -> jax.Array | None:
-    """A dropout key from Flax's `rngs` argument (Rngs, RngStream) or a raw key array."""
+def as_key(rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array | None:
+    """A dropout key from Flax's `rngs` call argument, as `nnx.Dropout` reads it.
+
+    Args:
+      rngs: an `nnx.Rngs` (a key is drawn from its "dropout" stream), an `nnx.RngStream` (a key is drawn
+        from it), a PRNG key (used as it is), or None.
+
+    Returns:
+      A PRNG key, or None when rngs is None.
+    """
     if rngs is None:
         return None
     if isinstance(rngs, nnx.Rngs):
@@ -84,8 +102,7 @@ class LayerNorm(nnx.Module):
       gain: "free" (a plain gain) or "positive" (softplus of a free parameter, starting at 1).
       eps: added to the variance.
       lr_scale: stored as `lr_scale` metadata on the gain and bias when != 1; `jaxsmooth.train.optim`
-      multiplies
-        their updates by it (DeepNorm's main-path LayerNorms, `ModelConfig.ln_lr`).
+        multiplies their updates by it (DeepNorm's main-path LayerNorms, `ModelConfig.ln_lr`).
     """
 
     def __init__(self, d: int, *, gain: str = "free", eps: float = 1e-6, lr_scale: float = 1.0):
@@ -99,18 +116,39 @@ class LayerNorm(nnx.Module):
         self.gain = param(LNGain, jnp.full((d,), start, jnp.float32), ("embed",), **meta)
         self.bias = param(nnx.Param, jnp.zeros((d,), jnp.float32), ("embed",), **meta)
 
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        """Normalise each token over D (float32 statistics) and apply the gain and bias.
+
+        Args:
+          x_BxTxD: tokens (any leading dimensions; D last).
+
+        Returns:
+          The normalised tokens, in x's dtype.
+        """
         return attn_fn.layer_norm(
             x_BxTxD, self.gain[...], self.bias[...], eps=self.eps, positive=self.positive
         )
 
     def effective_gain(self) -> jnp.ndarray:
-        """The gain LayerNorm multiplies by (softplus(g) for gain="positive"), float32 [D]."""
+        """The gain LayerNorm multiplies by (softplus(g) for gain="positive").
+
+        Returns:
+          gain_D, float32.
+        """
         return attn_fn.effective_gain(self.gain[...], self.positive)
 
 
 class MLP(nnx.Module):
-    """Position-wise GELU MLP, D -> M -> D; DeepNorm's beta scales both matrices at init."""
+    """Position-wise GELU MLP, D -> M -> D; DeepNorm's beta scales both matrices at init.
+
+    Args:
+      d: width D.
+      m: hidden width M.
+      beta: DeepNorm's init scale on both matrices.
+      dtype: compute dtype (parameters stay float32).
+      fast_backward: see `jaxsmooth.attention.dense` (reverse mode only; False for jax.jvp).
+      rngs: parameter randomness.
+    """
 
     def __init__(
         self, d: int, m: int, *, beta: float = 1.0, dtype=jnp.float32, fast_backward: bool = True,
@@ -122,7 +160,15 @@ class MLP(nnx.Module):
         self.b2 = param(nnx.Param, jnp.zeros((d,), jnp.float32), ("embed",))
         self.dtype, self.fast_backward = dtype, fast_backward
 
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        """GELU(x W1 + b1) W2 + b2.
+
+        Args:
+          x_BxTxD: tokens.
+
+        Returns:
+          y_BxTxD, in the compute dtype.
+        """
         return attn_fn.mlp(
             x_BxTxD, self.w1[...], self.b1[...], self.w2[...], self.b2[...], dtype=self.dtype,
             fast_backward=self.fast_backward,
@@ -143,6 +189,9 @@ class AttentionBase(nnx.Module):
     """Q/K projections, the optional Wang et al. branch scales, dropout, the KV cache and the forward.
 
     Subclasses supply `value_output() -> (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None)`.
+
+    Args:
+      num_heads, in_features, ..., fast_backward: see `Attention`.
     """
 
     def __init__(
@@ -226,27 +275,59 @@ class AttentionBase(nnx.Module):
         return param(nnx.Param, init(rngs.params(), (self.in_features,), self.param_dtype), names)
 
     # ---- the maps the layer applies ---------------------------------------------------------------
+    def set_view(self, deterministic: bool | None = None, decode: bool | None = None) -> None:
+        """Used by `nnx.view` (as Flax's attention and dropout layers).
+
+        Args:
+          deterministic: the new default of the `deterministic` call argument (None: unchanged).
+          decode: the new default of the `decode` call argument (None: unchanged).
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if decode is not None:
+            self.decode = decode
+
     def value_output(self):
-        """(w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None) as the forward pass uses them."""
+        """The value and output projections as the forward pass uses them.
+
+        Returns:
+          (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None).
+        """
         raise NotImplementedError
 
     def effective_h(self) -> jnp.ndarray:
-        """H_DxD = W_V W_O (float32): the map the residual update A X H applies to each token."""
+        """H = W_V W_O: the map the residual update A X H applies to each token.
+
+        Returns:
+          h_DxD, float32.
+        """
         w_v, w_o, _, _ = self.value_output()
         return w_v.astype(jnp.float32) @ w_o.astype(jnp.float32)
 
     def head_maps(self) -> jnp.ndarray:
-        """[H, D, D]: head h's map W_V[:, h] W_O[h, :]; they sum to effective_h()."""
+        """Every head's own map W_V[:, n] W_O[n, :] (its K columns of W_V, K rows of W_O).
+
+        Returns:
+          [N, D, D]; the maps sum to effective_h().
+        """
         w_v, w_o, _, _ = self.value_output()
         d, k = self.in_features, self.head_dim
-        w_v_DxHxK = w_v.reshape(d, self.num_heads, k)
-        w_o_HxKxD = w_o.reshape(self.num_heads, k, d)
-        return jnp.einsum("DHK,HKE->HDE", w_v_DxHxK, w_o_HxKxD)
+        w_v_DxNxK = w_v.reshape(d, self.num_heads, k)
+        w_o_NxKxD = w_o.reshape(self.num_heads, k, d)
+        return jnp.einsum("DNK,NKE->NDE", w_v_DxNxK, w_o_NxKxD)
 
     # ---- KV cache ---------------------------------------------------------------------------------
     def init_cache(self, input_shape: Sequence[int], dtype=jnp.float32) -> None:
-        """Allocate the autoregressive cache for inputs of shape [batch..., max_length, features] (as
-        `nnx.MultiHeadAttention.init_cache`); then call with `decode=True`, one or more tokens at a time."""
+        """Allocate the autoregressive cache (as `nnx.MultiHeadAttention.init_cache`); then call with
+        `decode=True`, one or more tokens at a time.
+
+        Args:
+          input_shape: [batch..., max_length, features] of the longest input the cache will hold.
+          dtype: the cached keys' and values' dtype.
+
+        Returns:
+          None (the cache lives in the layer's `nnx.Cache` variables).
+        """
         *batch, max_len, feat = tuple(input_shape)
         if feat != self.in_features:
             raise ValueError(
@@ -277,13 +358,14 @@ class AttentionBase(nnx.Module):
         Args:
           inputs_q: [batch..., T, D] queries' input.
           inputs_k, inputs_v: [batch..., S, D] keys' and values' inputs (cross-attention), or None.
-          mask: boolean [batch..., heads | 1, T, S] (True = attend), e.g. `nnx.make_causal_mask`.
+          mask: boolean [batch..., N | 1, T, S] (True = attend), e.g. `nnx.make_causal_mask`.
           deterministic: no dropout if True; overrides the attribute (set by `.train()` / `.eval()`).
           rngs: dropout randomness (`nnx.Rngs`, an `RngStream` or a PRNG key); default: the layer's own.
-          sow_weights: sow the attention weights [batch..., H, T, S] into `nnx.Intermediate`
+          sow_weights: sow the attention weights [batch..., N, T, S] into `nnx.Intermediate`
             ("attention_weights").
           decode: use the KV cache (`init_cache` first); overrides the attribute.
           is_causal: also apply a causal mask (key s <= query t, offset by the cache index in decode).
+
         Returns:
           [batch..., T, D].
         """
@@ -303,14 +385,66 @@ class AttentionBase(nnx.Module):
         *,
         mask: jax.Array | None = None,
         deterministic: bool | None = None,
-        rngs: Any = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
         decode: bool | None = None,
         is_causal: bool = False,
         value_output: tuple | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """`__call__` that also returns the attention weights: (y [batch..., T, D], att [batch..., H, T,
-        S], float32, before dropout). value_output: this layer's (w_v, w_o, b_v, b_o) if already
-        composed (the block stack composes every layer's spectral W_V, W_O once, before its scan)."""
+        """`__call__` that also returns the attention weights.
+
+        Args:
+          inputs_q, inputs_k, inputs_v, mask, deterministic, rngs, decode, is_causal: as `__call__`.
+          value_output: this layer's (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None) if already composed
+            (the block stack composes every layer's spectral W_V, W_O once, before its scan), or None.
+
+        Returns:
+          (y [batch..., T, D], att [batch..., N, T, S]): the attention weights are float32, before
+          dropout.
+        """
+        inputs_q, inputs_k, inputs_v = self._check_inputs(inputs_q, inputs_k, inputs_v)
+        batch, t, d = inputs_q.shape[:-2], inputs_q.shape[-2], self.in_features
+        nb = math.prod(batch)  # the batch dimensions, flattened: "B" below
+        flat = lambda x: x.reshape(nb, x.shape[-2], d)
+        w_v, w_o, b_v, b_o = self.value_output() if value_output is None else value_output
+        dtype = self.dtype or jnp.result_type(inputs_q.dtype, self.w_q.get_value().dtype)
+        proj = dict(num_heads=self.num_heads, dtype=dtype, fast_backward=self.fast_backward)
+        q_BxNxTxK = attn_fn.project_heads(flat(inputs_q), self.w_q[...], _get(self.b_q), **proj)
+        k_BxNxSxK = attn_fn.project_heads(flat(inputs_k), self.w_k[...], _get(self.b_k), **proj)
+        v_BxNxSxK = attn_fn.project_heads(flat(inputs_v), w_v, b_v, **proj)
+
+        m = self._flat_mask(mask, batch)
+        offset = 0
+        decode = bool(self.decode) if decode is None else decode
+        if decode:
+            k_BxNxSxK, v_BxNxSxK, offset = self._update_cache(k_BxNxSxK, v_BxNxSxK, batch)
+            pos_S = jnp.arange(k_BxNxSxK.shape[2])
+            # Cached self-attention is causal: query t (absolute position offset + t) sees keys <= it;
+            # this also hides the cache slots not written yet.
+            cached = (pos_S[None, :] <= offset + jnp.arange(t)[:, None])[None, None]
+            m = cached if m is None else jnp.logical_and(m, cached)
+        s = k_BxNxSxK.shape[2]
+        allowed = attn_fn.allowed_keys(nb, t, s, mask=m, causal=is_causal, offset=offset)
+        z_BxTxD, att_BxNxTxS = attn_fn.attend(
+            q_BxNxTxK, k_BxNxSxK, v_BxNxSxK, allowed=allowed,
+            attn_scale_H=self.attn_scale[...] if self.branch_scale == "attnscale" else None,
+            dropout_rate=self.dropout_rate, dropout_key=self._dropout_key(deterministic, rngs),
+            broadcast_dropout=self.broadcast_dropout, dtype=dtype,
+        )  # fmt: skip
+        matmul = attn_fn.dense if self.fast_backward else jnp.matmul
+        y_BxTxD = matmul(z_BxTxD, w_o.astype(dtype))
+        if b_o is not None:
+            y_BxTxD = y_BxTxD + b_o.astype(dtype)[None, None, :]
+        if self.branch_scale == "featscale":
+            if decode:
+                raise NotImplementedError(
+                    "branch_scale='featscale' with decode=True: its running token mean needs the branch "
+                    "outputs of every earlier token, which the KV cache does not keep"
+                )
+            y_BxTxD = attn_fn.feat_scale(y_BxTxD, self.s_dc[...], self.s_hc[...], causal=is_causal)
+        return y_BxTxD.reshape(*batch, t, d), att_BxNxTxS.reshape(*batch, *att_BxNxTxS.shape[1:])
+
+    def _check_inputs(self, inputs_q, inputs_k, inputs_v):
+        """Flax's defaults (keys from the queries' input, values from the keys'), and the shape checks."""
         if inputs_k is None:
             if inputs_v is not None:
                 raise ValueError(
@@ -324,81 +458,45 @@ class AttentionBase(nnx.Module):
         for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
             if x.ndim < 2 or x.shape[-1] != d:
                 raise ValueError(f"{name} has shape {x.shape}; expected [batch..., length, {d}]")
-        batch = inputs_q.shape[:-2]
-        if inputs_k.shape[:-2] != batch or inputs_v.shape[:-1] != inputs_k.shape[:-1]:
+        if inputs_k.shape[:-2] != inputs_q.shape[:-2] or inputs_v.shape[:-1] != inputs_k.shape[:-1]:
             raise ValueError(
                 f"inputs_q {inputs_q.shape}, inputs_k {inputs_k.shape} and inputs_v {inputs_v.shape} must "
                 "share their batch dimensions, and inputs_k / inputs_v their length"
             )
-        nb = math.prod(batch)
-        t = inputs_q.shape[-2]
-        flat = lambda x: x.reshape(nb, x.shape[-2], d)
-        xq, xk, xv = flat(inputs_q), flat(inputs_k), flat(inputs_v)
-        w_v, w_o, b_v, b_o = self.value_output() if value_output is None else value_output
-        dtype = self.dtype or jnp.result_type(inputs_q.dtype, self.w_q.get_value().dtype)
-        proj = dict(num_heads=self.num_heads, dtype=dtype, fast_backward=self.fast_backward)
-        q = attn_fn.project_heads(xq, self.w_q[...], _get(self.b_q), **proj)
-        k = attn_fn.project_heads(xk, self.w_k[...], _get(self.b_k), **proj)
-        v = attn_fn.project_heads(xv, w_v, b_v, **proj)
+        return inputs_q, inputs_k, inputs_v
 
-        m = None
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.ndim != len(batch) + 3:
-                raise ValueError(
-                    f"mask has shape {mask.shape}; expected [batch..., heads | 1, T, S] with batch dims "
-                    f"{batch} (nnx.make_attention_mask / nnx.make_causal_mask build such masks)"
-                )
-            m = jnp.broadcast_to(mask, (*batch, *mask.shape[-3:])).reshape(nb, *mask.shape[-3:])
-        offset = 0
-        decode = bool(self.decode) if decode is None else decode
-        if decode:
-            k, v, offset = self._update_cache(k, v, batch)
-            pos = jnp.arange(k.shape[2])
-            # Cached self-attention is causal: query t (absolute position offset + t) sees keys <= it;
-            # this also hides the cache slots not written yet.
-            cached = (pos[None, :] <= offset + jnp.arange(t)[:, None])[None, None]
-            m = cached if m is None else jnp.logical_and(m, cached)
-        s = k.shape[2]
-        allowed = attn_fn.allowed_keys(nb, t, s, mask=m, causal=is_causal, offset=offset)
-        z, att = attn_fn.attend(
-            q, k, v, allowed=allowed,
-            attn_scale_H=self.attn_scale[...] if self.branch_scale == "attnscale" else None,
-            dropout_rate=self.dropout_rate, dropout_key=self._dropout_key(deterministic, rngs),
-            broadcast_dropout=self.broadcast_dropout, dtype=dtype,
-        )  # fmt: skip
-        matmul = attn_fn.dense if self.fast_backward else jnp.matmul
-        y = matmul(z, w_o.astype(dtype))
-        if b_o is not None:
-            y = y + b_o.astype(dtype)[None, None, :]
-        if self.branch_scale == "featscale":
-            if decode:
-                raise NotImplementedError(
-                    "branch_scale='featscale' with decode=True: its running token mean needs the branch "
-                    "outputs of every earlier token, which the KV cache does not keep"
-                )
-            y = attn_fn.feat_scale(y, self.s_dc[...], self.s_hc[...], causal=is_causal)
-        return y.reshape(*batch, t, d), att.reshape(*batch, *att.shape[1:])
+    @staticmethod
+    def _flat_mask(mask, batch):
+        """A Flax mask [batch..., N | 1, T, S] with the batch dimensions flattened, or None."""
+        if mask is None:
+            return None
+        mask = jnp.asarray(mask)
+        if mask.ndim != len(batch) + 3:
+            raise ValueError(
+                f"mask has shape {mask.shape}; expected [batch..., heads | 1, T, S] with batch dims "
+                f"{batch} (nnx.make_attention_mask / nnx.make_causal_mask build such masks)"
+            )
+        return jnp.broadcast_to(mask, (*batch, *mask.shape[-3:])).reshape(math.prod(batch), *mask.shape[-3:])
 
-    def _update_cache(self, k_BxHxTxK, v_BxHxTxK, batch):
+    def _update_cache(self, k_BxNxTxK, v_BxNxTxK, batch):
         if self.cached_key is None or self.cached_value is None or self.cache_index is None:
             raise ValueError("Autoregressive cache not initialized, call ``init_cache`` first.")
         cache_k = self.cached_key[...]
-        *cb, max_len, h, kd = cache_k.shape
+        *cb, max_len, n, kd = cache_k.shape
         if tuple(cb) != tuple(batch):
             raise ValueError(f"the cache was made for batch dims {tuple(cb)}, the input has {tuple(batch)}")
-        nb = k_BxHxTxK.shape[0]
-        t = k_BxHxTxK.shape[2]
+        nb = k_BxNxTxK.shape[0]
+        t = k_BxNxTxK.shape[2]
         idx = self.cache_index[...]
-        to_cache = lambda a: a.transpose(0, 2, 1, 3).reshape(*batch, t, h, kd).astype(cache_k.dtype)
+        to_cache = lambda a: a.transpose(0, 2, 1, 3).reshape(*batch, t, n, kd).astype(cache_k.dtype)
         zero = jnp.zeros((), jnp.int32)
         start = (zero,) * len(batch) + (idx, zero, zero)
-        new_k = jax.lax.dynamic_update_slice(cache_k, to_cache(k_BxHxTxK), start)
-        new_v = jax.lax.dynamic_update_slice(self.cached_value[...], to_cache(v_BxHxTxK), start)
+        new_k = jax.lax.dynamic_update_slice(cache_k, to_cache(k_BxNxTxK), start)
+        new_v = jax.lax.dynamic_update_slice(self.cached_value[...], to_cache(v_BxNxTxK), start)
         self.cached_key[...] = new_k
         self.cached_value[...] = new_v
         self.cache_index[...] = idx + t
-        heads_major = lambda a: a.reshape(nb, max_len, h, kd).transpose(0, 2, 1, 3)
+        heads_major = lambda a: a.reshape(nb, max_len, n, kd).transpose(0, 2, 1, 3)
         return heads_major(new_k), heads_major(new_v), idx
 
     def _dropout_key(self, deterministic, rngs) -> jax.Array | None:
@@ -415,7 +513,7 @@ class AttentionBase(nnx.Module):
             )
         if det:
             return None
-        key = _as_key(rngs if rngs is not None else self.rngs)
+        key = as_key(rngs if rngs is not None else self.rngs)
         if key is None:
             raise ValueError(
                 "dropout needs randomness: pass rngs= to the call, or construct the layer with rngs and "
@@ -432,14 +530,37 @@ class Attention(AttentionBase):
     """Unconstrained multi-head attention (the baseline): `nnx.MultiHeadAttention`'s signature, with
     W_V, W_O free and H = W_V W_O available as `effective_h()` / `eigenvalues()`.
 
-    Args (as `nnx.MultiHeadAttention`, see the module docstring for what differs):
-      num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features; dtype,
-      param_dtype, broadcast_dropout, dropout_rate, deterministic, kernel_init, out_kernel_init,
-      bias_init, out_bias_init, use_bias, decode, rngs, keep_rngs.
+    Args (as `nnx.MultiHeadAttention`'s; the module docstring says what differs):
+      num_heads: number of heads N; must divide in_features.
+      in_features: width D of the inputs (queries, keys and values) and of the output.
+      qkv_features, out_features, in_kv_features: None or D (H = W_V W_O must be square).
+      num_kv_heads: None or num_heads (no grouped-query attention).
+      dtype: compute dtype (None: inferred from the inputs and parameters).
+      param_dtype: dtype of the Q/K (and baseline V/O) parameters.
+      broadcast_dropout: one attention-dropout pattern for the whole batch and all heads.
+      dropout_rate: attention-dropout probability.
+      deterministic: the default of the call argument (`.train()` / `.eval()` / `nnx.view` set it).
+      kernel_init, out_kernel_init: initializers of W_Q, W_K, W_V and of W_O (default: kernel_init).
+      bias_init, out_bias_init: initializers of the biases and of the output bias (default: bias_init).
+      use_bias: Q and K biases (and V, O unless value_bias says otherwise).
+      decode: the default of the call argument (use the KV cache).
+      rngs: parameter randomness, and the layer's own dropout stream (keep_rngs).
+      keep_rngs: keep a fork of rngs.dropout for calls without rngs (as Flax).
       value_bias: biases on the V and O projections (None: follow use_bias, as Flax does).
       beta: DeepNorm's init scale on W_V and W_O.
       branch_scale: "none" | "attnscale" | "featscale" (Wang et al. 2022).
       fast_backward: see `jaxsmooth.attention.dense` (reverse mode only; False for jax.jvp).
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxsmooth.nnx import Attention
+      >>> layer = Attention(num_heads=4, in_features=16, rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 5, 16))).shape
+      (2, 5, 16)
+      >>> layer.eigenvalues().shape  # complex, sorted by modulus
+      (16,)
     """
 
     def __init__(
@@ -485,11 +606,20 @@ class Attention(AttentionBase):
         )
 
     def value_output(self):
+        """The free value and output projections.
+
+        Returns:
+          (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None).
+        """
         return self.w_v[...], self.w_o[...], _get(self.b_v), _get(self.b_o)
 
     def eigenvalues(self) -> np.ndarray:
-        """Complex eigenvalues of H = W_V W_O, sorted by modulus (descending). H is not symmetric, and
-        XLA has no general eigensolver off CPU, so this runs on the host in float64 (not jit-able)."""
+        """The eigenvalues of H = W_V W_O. H is not symmetric, and XLA has no general eigensolver off CPU,
+        so this runs on the host in float64 (not jit-able).
+
+        Returns:
+          lam_D, complex, sorted by decreasing modulus (numpy).
+        """
         return eigvals_by_modulus(np.asarray(self.effective_h(), np.float64))
 
 
@@ -497,10 +627,21 @@ class SpectralAttention(AttentionBase):
     """Attention with W_V = V diag(lambda), W_O = V^-1 (docs/theory.md): the eigenvalues of H = W_V W_O
     are lambda, held in `spectrum`'s interval for any parameter values.
 
-    Args (as `nnx.MultiHeadAttention`, see the module docstring for what differs):
-      num_heads, in_features, qkv_features, out_features, num_kv_heads, in_kv_features; dtype,
-      param_dtype, broadcast_dropout, dropout_rate, deterministic, kernel_init, bias_init, use_bias
-      (Q and K), decode, rngs, keep_rngs.
+    Args (as `nnx.MultiHeadAttention`'s; the module docstring says what differs):
+      num_heads: number of heads N; must divide in_features.
+      in_features: width D of the inputs (queries, keys and values) and of the output.
+      qkv_features, out_features, in_kv_features: None or D (H = W_V W_O must be square).
+      num_kv_heads: None or num_heads (no grouped-query attention).
+      dtype: compute dtype (None: inferred from the inputs and parameters).
+      param_dtype: dtype of the Q/K (and baseline V/O) parameters.
+      broadcast_dropout: one attention-dropout pattern for the whole batch and all heads.
+      dropout_rate: attention-dropout probability.
+      deterministic: the default of the call argument (`.train()` / `.eval()` / `nnx.view` set it).
+      kernel_init, bias_init: initializers of W_Q, W_K and of the biases.
+      use_bias: Q and K biases.
+      decode: the default of the call argument (use the KV cache).
+      rngs: parameter randomness, and the layer's own dropout stream (keep_rngs).
+      keep_rngs: keep a fork of rngs.dropout for calls without rngs (as Flax).
       spectrum: the constraint (`jaxsmooth.Spectrum`), required.
       value_bias: V and O biases (default False: they add a DC term outside the constraint).
       alpha: the enclosing block's residual scale (DeepNorm); the range is stated for H / alpha, so
@@ -508,6 +649,19 @@ class SpectralAttention(AttentionBase):
       beta: DeepNorm's init scale; the initial lambda are multiplied by beta^2 (as beta multiplies H when
         it scales W_V and W_O), see `spectral.init`.
       branch_scale, fast_backward: as for `Attention`.
+
+    Example (a Flax attention layer with only the class swapped, plus `spectrum=`)::
+
+      >>> import jax.numpy as jnp, jaxsmooth
+      >>> from flax import nnx
+      >>> layer = jaxsmooth.nnx.SpectralAttention(4, 16, spectrum=jaxsmooth.Spectrum("sharpen"),
+      ...                                         dropout_rate=0.1, rngs=nnx.Rngs(0))
+      >>> layer.eval()  # no dropout (layer.train() turns it on)
+      >>> x = jnp.ones((2, 5, 16))
+      >>> layer(x, mask=nnx.make_causal_mask(jnp.ones((2, 5)))).shape
+      (2, 5, 16)
+      >>> bool(layer.eigenvalues().max() < 0)  # sharpen: every eigenvalue of W_V W_O in [-1, 0)
+      True
     """
 
     def __init__(
@@ -576,16 +730,32 @@ class SpectralAttention(AttentionBase):
         return {"u": self.theta[...], "w": self.theta_w[...], "s": self.theta_s[...]}
 
     def value_output(self):
+        """W_V = V diag(lambda), W_O = V^-1 composed from (theta, psi) in float32 (`spectral`).
+
+        Returns:
+          (w_v_DxD, w_o_DxD, b_v_D | None, b_o_D | None).
+        """
         w_v, w_o = spectral.value_projection(self._theta(), self.psi[...], self.spectrum, self.alpha)
         return w_v, w_o, _get(self.b_v), _get(self.b_o)
 
     def eigenvalues(self) -> jnp.ndarray:
-        """lambda_D: the (real) eigenvalues of H, exact by construction; jit-able on any device."""
+        """The (real) eigenvalues of H = W_V W_O, exact by construction; jit-able on any device.
+
+        Returns:
+          lam_D, float32.
+        """
         return spectral.eigenvalues(self.psi[...], self.spectrum, self.alpha)
 
 
 def eigvals_by_modulus(h_xDxD: np.ndarray) -> np.ndarray:
-    """Eigenvalues of (a stack of) square matrices, each sorted by decreasing modulus."""
+    """Eigenvalues of (a stack of) square matrices, each sorted by decreasing modulus (host, numpy).
+
+    Args:
+      h_xDxD: [..., D, D].
+
+    Returns:
+      [..., D] complex eigenvalues.
+    """
     ev = np.linalg.eigvals(h_xDxD)
     order = np.argsort(-np.abs(ev), axis=-1, kind="stable")
     return np.take_along_axis(ev, order, axis=-1)

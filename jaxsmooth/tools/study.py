@@ -65,7 +65,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from jaxsmooth.train import jsonl
+from jaxsmooth.train import jsonl, migrate
 
 PROTOCOL = 1  # bumped when what a record means changes (keys of old records then differ)
 DEFAULT_ROOT = Path("runs") / "studies"
@@ -180,22 +180,11 @@ def cells(spec: dict) -> list[Cell]:
     return out
 
 
-# Config fields added after studies had run, with the value that behaves as before the field existed: at
-# that value a field is left out of the cell key, so adding it does not orphan finished cells (the fields
-# added before any study record existed stay in the key; workdir.ADDED_FIELDS lists every added field).
-ADDED_FIELDS = {
-    "model.drop_path": 0.0, "data.random_crop_pad": 0, "data.random_flip": False, "data.mixup_alpha": 0.0,
-    "data.cutmix_alpha": 0.0, "train.label_smoothing": 0.0, "train.step_timeout_s": -1.0,
-}  # fmt: skip
-
-
 def _keyed(config: dict) -> dict:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for field, neutral in ADDED_FIELDS.items():
-        section, name = field.split(".")
-        if name in out.get(section, {}) and out[section][name] == neutral:
-            del out[section][name]
-    return out
+    """The config as a record key holds it: the fields added after study records existed are left out at
+    their neutral value (jaxsmooth.train.migrate.STUDY_KEY_NEUTRAL), so adding a field never orphans a
+    finished cell."""
+    return migrate.study_key_config(config)
 
 
 def resolve(cell: Cell) -> tuple[Cell, Any]:

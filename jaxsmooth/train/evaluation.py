@@ -144,7 +144,7 @@ def _profile_fn(graphdef):
     @jax.jit
     def fn(params, x):
         model = nnx.merge(graphdef, params)
-        _, aux = model(x, return_stats=True, full_stats=True)
-        return {k: (aux["input"][k], aux[k]) for k in aux["input"]}
+        stats = model.forward(x, stats="full", deterministic=True).stats
+        return {k: (stats["input"][k], stats[k]) for k in stats["input"]}
 
     return fn

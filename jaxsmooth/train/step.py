@@ -49,9 +49,9 @@ def make_train_step(
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
-            out = model(x, dropout_key=key, return_stats=with_stats)
-            logits, aux = out if with_stats else (out, None)
-            return jnp.mean(per_example_loss(logits, y)), aux
+            # rngs=key (None without dropout: deterministic); the stack splits it into per-layer keys.
+            out = model.forward(x, stats="logged" if with_stats else "none", rngs=key)
+            return jnp.mean(per_example_loss(out.logits, y)), out.stats
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         grad_norm = optax.tree.norm(grads)
@@ -87,7 +87,7 @@ def make_eval_step(graphdef):
     """(params, x, y, n_valid) -> (sum of per-example losses, number correct) over the first n_valid rows."""
 
     def eval_step(params, x, y, n_valid):
-        logits = nnx.merge(graphdef, params)(x)
+        logits = nnx.merge(graphdef, params)(x, deterministic=True)
         valid_B = jnp.arange(x.shape[0]) < n_valid
         loss_sum = jnp.sum(jnp.where(valid_B, per_example_loss(logits, y), 0.0))
         if logits.ndim == 2:

@@ -343,10 +343,10 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
 
     def measure(inputs):
         x, info = inputs
-        aux = _run_forward(graphdef, params, rest, jnp.asarray(x))
-        keys = [k for k in aux["input"]]
-        stats = {k: np.concatenate([[float(aux["input"][k])], np.asarray(aux[k], np.float64)]) for k in keys}
-        att = np.asarray(aux["attention"], np.float64)  # [L, H, T, T], batch-averaged by the model
+        out = _run_forward(graphdef, params, rest, jnp.asarray(x))
+        per_layer, first = out.stats, out.stats["input"]  # [L] each; the stack's input
+        stats = {k: np.concatenate([[float(first[k])], np.asarray(per_layer[k], np.float64)]) for k in first}
+        att = np.asarray(out.attention, np.float64)  # [L, H, T, T], batch-averaged by the model
         return (
             stats,
             att,
@@ -533,10 +533,10 @@ def _run_weights(graphdef, spectral: bool, params, rest) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _run_forward(graphdef, params, rest, x) -> dict:
-    """The model's per-layer stats ([L] each, "input" for the embedding) and attention [L, H, T, T]."""
-    _, aux = nnx.merge(graphdef, params, rest)(x, return_stats=True, return_attention=True)
-    return aux
+def _run_forward(graphdef, params, rest, x):
+    """The model's `ModelOutput`: per-layer stats ([L] each, "input" for the embedding) and attention
+    [L, N, T, T]."""
+    return nnx.merge(graphdef, params, rest).forward(x, stats="logged", attention=True, deterministic=True)
 
 
 def _dataset(name: str, run_data, kind: str):
