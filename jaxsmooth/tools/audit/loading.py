@@ -312,13 +312,6 @@ def restore_params(run_dir: pathlib.Path, abstract_params: Any, step: int | None
         raise AuditError(f"{e} (pass --step to audit another step)") from e
 
 
-# How a run whose config predates model.value_norm is audited (its pre-LN value path read LN1(x)).
-LEGACY_VALUE_NORM_NOTE = (
-    "config.json predates model.value_norm; audited as 'ln' (LN1(x) in the value path), as such runs were "
-    "trained"
-)
-
-
 def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedModel:
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -326,12 +319,9 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
     raw = _read_json(cfg_path)
     if not _is_run_config(raw):
         raise AuditError(f"{cfg_path} is not a jaxsmooth run config (no 'model' and 'data' sections)")
-    # A pre-LN run written before ModelConfig.value_norm existed has no such key, and its value path read
-    # LN1(x): rebuilding it with today's default ("rms") would audit a different model.
-    legacy_value_norm = _predates_value_norm(raw["model"])
+    # A pre-LN run written before ModelConfig.value_norm existed read LN1(x) in its value path: load_run
+    # rebuilds it so (jaxsmooth.train.migrate) and says so in its migration notes.
     run = _restore_run(run_dir, step, raw)
-    if legacy_value_norm and run.model_config.value_norm != "ln":
-        run = _with_value_norm(run, "ln")
     mcfg, model = run.model_config, run.model
     kind = "causal_lm" if run.dataset.kind == "text" else "vit"
     inputs = _run_inputs(*want, kind=kind, ds=run.dataset, run_data=run.config.data, model=model)
@@ -354,8 +344,9 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
         )
 
     info = _run_info(run, run_dir, kind)
-    if legacy_value_norm:
-        info["value_norm_note"] = LEGACY_VALUE_NORM_NOTE
+    notes = [n for n in run.migration_notes if "value_norm" in n]
+    if notes:
+        info["value_norm_note"] = "; ".join(notes)
     return LoadedModel(
         kind=kind,
         info=info,
@@ -374,11 +365,6 @@ def _load_run(run_dir: pathlib.Path, step: int | None, want: tuple) -> LoadedMod
     )
 
 
-def _predates_value_norm(model: dict) -> bool:
-    """Whether a saved model section is a pre-LN one written before `model.value_norm` existed."""
-    return "value_norm" not in model and model.get("residual", "pre_ln") == "pre_ln"
-
-
 def _restore_run(run_dir: pathlib.Path, step: int | None, raw: dict):
     """`jaxsmooth.train.load_run` (the model rebuilt from the config saved with the checkpoint, its
     parameters restored), with every failure as an AuditError naming the problem. `raw`: the run's
@@ -387,11 +373,8 @@ def _restore_run(run_dir: pathlib.Path, step: int | None, raw: dict):
     from jaxsmooth.config import ModelConfig
     from jaxsmooth.train import checkpoint, load_run
 
-    model = dict(raw["model"])
-    if _predates_value_norm(model):
-        model["value_norm"] = "ln"
     try:
-        ModelConfig.from_dict(model)
+        ModelConfig.from_dict(raw["model"])
     except (ValueError, TypeError) as e:
         raise AuditError(f"{run_dir / 'config.json'}: bad model config: {e}") from e
     try:
@@ -403,18 +386,6 @@ def _restore_run(run_dir: pathlib.Path, step: int | None, raw: dict):
         raise AuditError(f"the run's dataset {name!r} is needed to rebuild the model: {e}") from e
     except (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError) as e:  # a damaged config
         raise AuditError(f"cannot rebuild the model of {run_dir}: {type(e).__name__}: {e}") from e
-
-
-def _with_value_norm(run, value_norm: str):
-    """The LoadedRun with its model rebuilt for another value path (the same parameters: value_norm adds
-    or removes none)."""
-    from jaxsmooth import train
-
-    mcfg = dataclasses.replace(run.model_config, value_norm=value_norm)
-    make = lambda: train.build_model(mcfg, run.dataset, run.config, nnx.Rngs(params=0))
-    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-    nnx.replace_by_pure_dict(params, nnx.to_pure_dict(nnx.state(run.model, nnx.Param)))
-    return dataclasses.replace(run, model_config=mcfg, model=nnx.merge(graphdef, params, rest))
 
 
 def attention_gains(gains_Lx2xD: np.ndarray, residual: str) -> tuple[np.ndarray, list[str], list[dict]]:
