@@ -20,8 +20,8 @@ for extra in ("matplotlib", "sklearn", "tokenizers", "safetensors", "ml_collecti
 layer = jaxsmooth.nnx.SpectralAttention(2, 8, spectrum=jaxsmooth.Spectrum("sharpen"), rngs=nnx.Rngs(0))
 y = layer(jnp.ones((1, 3, 8)))
 cfg = jaxsmooth.ModelConfig(depth=2, d_model=8, num_heads=2, spectrum=jaxsmooth.Spectrum("smooth"))
-out, aux = jaxsmooth.nnx.Transformer(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 8)), return_stats=True)
-assert float(layer.eigenvalues().max()) < 0 and aux["token_cosine"].shape == (2,)
+out = jaxsmooth.nnx.Transformer(cfg, rngs=nnx.Rngs(0)).forward(jnp.ones((1, 3, 8)), stats="logged")
+assert float(layer.eigenvalues().max()) < 0 and out.stats["token_cosine"].shape == (2,)
 jaxsmooth.theory.predict(jnp.eye(3), jnp.eye(8))
 jaxsmooth.linen.SpectralAttention(num_heads=2, spectrum=jaxsmooth.Spectrum()).init(
     jax.random.key(0) if (jax := __import__("jax")) else None, jnp.ones((1, 3, 8)))
