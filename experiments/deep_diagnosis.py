@@ -175,7 +175,7 @@ def make_diagnostics(graphdef, tx, loss_fn_params, groups, depth: int, clip_norm
         def body(carry, states):
             xa, xb = carry
             la, lb = states
-            ya, aux = nnx.merge(ga, la)(xa, stats=True)
+            ya, aux = nnx.merge(ga, la)(xa, stats="logged")
             yb, _ = nnx.merge(gb, lb)(xb)
             rel = jnp.sqrt(jnp.sum(jnp.square(yb - ya)) / jnp.sum(jnp.square(ya)))
             return (ya, yb), (rel, aux["token_cosine"])
